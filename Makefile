@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= test,bench
+
+.PHONY: demo test build venv rust-test lint pytest bench bench-quick wheel clean
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.9.4,<2"
+	touch $@
+
+venv: $(VENV)/.ready
+
+# Build the extension in release mode and install it (with its extras) into .venv.
+build: venv
+	$(VENV)/bin/maturin develop --release -q -E $(EXTRAS)
+
+demo: build
+	$(VENV)/bin/cprfast info
+	$(VENV)/bin/cprfast demo
+
+rust-test:
+	cargo test -p cprfast-core --release
+
+lint:
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	$(PY) -m mypy.stubtest cprfast._core --allowlist .stubtest-allowlist
+
+pytest: build
+	$(PY) -m pytest -q
+
+test: build rust-test lint pytest
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-only
+
+wheel: venv
+	$(VENV)/bin/maturin build --release -o dist
+
+clean:
+	rm -rf $(VENV) target dist

@@ -1,0 +1,16 @@
+//! cprfast-core: the pure-Rust half of cprfast. Everything that touches guest
+//! pages or file descriptors in bulk lives here, free of Python, so it can be
+//! unit-tested with `cargo test` and called with the GIL released.
+//!
+//! Rule for every module: never form a Rust reference or slice over memory a
+//! guest or another process may be writing. Guest RAM is reached only through
+//! raw pointers with volatile or `ptr::copy` access.
+#![warn(missing_docs, missing_debug_implementations)]
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+compile_error!("cprfast-core supports 64-bit Linux only");
+
+pub mod error;
+pub mod memfd;
+
+pub use error::{Errno, Error, Result};

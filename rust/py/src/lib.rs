@@ -1,0 +1,21 @@
+//! `cprfast._core`: thin PyO3 bindings over `cprfast-core`. One file per core
+//! module; each method extracts its arguments, releases the GIL around the
+//! core call, and converts the result. All error mapping is in `errors.rs`.
+
+mod errors;
+mod memfd;
+
+/// The extension module.
+#[pyo3::pymodule(gil_used = false)]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use crate::memfd::PyRegion;
+
+    /// Version of the Rust core, to check that the extension matches the package.
+    #[pyfunction]
+    fn core_version() -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+}
