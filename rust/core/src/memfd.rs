@@ -110,14 +110,7 @@ impl Mapping {
         // SAFETY: a fresh mapping at an address the kernel chooses; it aliases
         // no Rust object, and `Mapping` never forms references into it.
         let base = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
+            rustix::mm::mmap(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, fd, 0)
         }
         .map_err(|e| Error::os(format!("mmap({len} bytes)"), e))?;
         Ok(Self { base: base.cast(), len, page_size })
@@ -218,14 +211,14 @@ impl Mapping {
                     s.spawn(move || {
                         // SAFETY: `[off, off+len)` lies inside our mapping and is
                         // page-aligned; populating changes no contents.
-                        unsafe { rustix::mm::madvise((base + off) as *mut _, len, Advice::LinuxPopulateWrite) }
-                            .map_err(|e| match e {
-                                rustix::io::Errno::INVAL => Error::Unsupported {
-                                    feature: "MADV_POPULATE_WRITE (Linux 5.14+)",
-                                    errno: e.into(),
-                                },
+                        unsafe { rustix::mm::madvise((base + off) as *mut _, len, Advice::LinuxPopulateWrite) }.map_err(
+                            |e| match e {
+                                rustix::io::Errno::INVAL => {
+                                    Error::Unsupported { feature: "MADV_POPULATE_WRITE (Linux 5.14+)", errno: e.into() }
+                                }
                                 e => Error::os(format!("madvise(MADV_POPULATE_WRITE, {len} bytes at +{off:#x})"), e),
-                            })
+                            },
+                        )
                     })
                 })
                 .collect();
@@ -368,8 +361,7 @@ impl Region {
                 Error::os(format!("memfd_create({name})"), e)
             }
         })?;
-        rustix::fs::ftruncate(&fd, size as u64)
-            .map_err(|e| Error::os(format!("ftruncate({name}, {size})"), e))?;
+        rustix::fs::ftruncate(&fd, size as u64).map_err(|e| Error::os(format!("ftruncate({name}, {size})"), e))?;
         if opts.seal {
             rustix::fs::fcntl_add_seals(&fd, SIZE_SEALS).map_err(|e| Error::os(format!("F_ADD_SEALS({name})"), e))?;
         }
@@ -417,11 +409,15 @@ impl Region {
             .map_err(|e| Error::os(format!("readlink(/proc/self/fd/{raw})"), e))?;
         let link = link.to_string_lossy();
         let sfs = rustix::fs::fstatfs(&fd).map_err(|e| Error::os(format!("fstatfs({raw})"), e))?;
-        #[allow(clippy::cast_sign_loss)] // statfs f_bsize is a positive block size
-        let page_size = match i64::from(sfs.f_type) {
+        let page_size = match sfs.f_type {
             t if t == libc::TMPFS_MAGIC => host_page_size(),
+            // hugetlbfs reports its huge page size as the block size.
             t if t == libc::HUGETLBFS_MAGIC => sfs.f_bsize as usize,
-            t => return Err(bad(format!("not a memfd: {link} is on a filesystem with magic {t:#x}, not tmpfs/hugetlbfs"))),
+            t => {
+                return Err(bad(format!(
+                    "not a memfd: {link} is on a filesystem with magic {t:#x}, not tmpfs/hugetlbfs"
+                )));
+            }
         };
         let Some(memfd_name) = link.strip_prefix("/memfd:") else {
             return Err(bad(format!("not a memfd: it is the file {link}")));
