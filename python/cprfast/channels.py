@@ -300,6 +300,8 @@ def _int_member(m: _Members, key: str, expected: str, *, default: int | None = N
         if not value.isascii() or not value.isdigit():
             raise MigrationError(f"Parameter '{m.name(key)}' expects {expected}")
         value = int(value)
+    if not 0 <= value < 1 << 64:
+        raise MigrationError(f"Parameter '{m.name(key)}' expects {expected}")
     return int(value)
 
 

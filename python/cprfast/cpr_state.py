@@ -296,6 +296,7 @@ class StreamReader:
     def __init__(self, data: bytes = b"", fds: Iterable[int] = (), *, inline_fds: bool) -> None:
         self._buf = bytearray(data)
         self._pos = 0
+        self._dropped = 0  # bytes consumed and dropped from the buffer
         self._fds: deque[int] = deque(fds)
         self.inline_fds = inline_fds
         """True when fd fields are service bytes (cpr-transfer), False for numbers (cpr-exec)."""
@@ -315,7 +316,7 @@ class StreamReader:
         if not self._have(n):
             left = len(self._buf) - self._pos
             raise StreamError(
-                f"truncated cpr stream: {what} needs {n} bytes at offset {self._pos}, only {left} left"
+                f"truncated cpr stream: {what} needs {n} bytes at offset {self._dropped + self._pos}, only {left} left"
             )
         out = bytes(self._buf[self._pos : self._pos + n])
         self._pos += n
@@ -359,7 +360,14 @@ def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], deadline:
 def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, deadline: float | None) -> tuple[bytes, list[int]]:
     if not _wait(sock, select.POLLIN, deadline):
         raise TimeoutError(f"timed out receiving cpr state on fd {sock.fileno()}")
-    data, fds, flags, _ = socket.recv_fds(sock, bufsize, max_fds, socket.MSG_CMSG_CLOEXEC)
+    # not socket.recv_fds: Python 3.11's drops its flags argument (no MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds = [
+        fd
+        for level, kind, payload in ancdata
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+        for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
+    ]
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
@@ -384,6 +392,7 @@ class SocketStreamReader(StreamReader):
         self._fds.extend(fds)
         if self._pos:  # drop what the parser consumed
             del self._buf[: self._pos]
+            self._dropped += self._pos
             self._pos = 0
         self._buf += data
         return bool(data)
