@@ -771,3 +771,12 @@ def test_property_arbitrary_bytes_numbers(data: bytes) -> None:
             if fd not in before:
                 os.close(fd)
     assert open_fds() == before
+
+
+def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("## CPR state", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    before = open_fds()
+    exec(compile(code, "README.md#cpr-state", "exec"), {})
+    assert capsys.readouterr().out == "{'main': 'tcp:[::1]:4444', 'cpr': 'unix:/run/vm/cpr.sock'}\n"
+    assert open_fds() == before

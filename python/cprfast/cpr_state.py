@@ -148,7 +148,8 @@ class CprState:
     ``save_fd`` stores a CLOEXEC duplicate, so the caller keeps its own fd;
     ``delete_fd``/``delete_all``/``close`` close the registry's copies. The list
     order is QEMU's: the newest entry first (QEMU inserts at the head), which is
-    the order the stream is written in.
+    the order the stream is written in. Not thread-safe (QEMU's runs under the
+    BQL): use it from one thread, or lock around it.
     """
 
     def __init__(self) -> None:
@@ -337,28 +338,31 @@ class StreamReader:
         return fds
 
 
-def _wait(sock: socket.socket, events: int, deadline: float | None) -> bool:
-    """Poll ``sock`` until ``events`` or the deadline; True when ready."""
-    poller = select.poll()
-    poller.register(sock, events)
-    timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-    return bool(poller.poll(timeout_ms))
-
-
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _wait(sock: socket.socket, events: int, timeout: float | None) -> bool:
+    """Poll ``sock`` for ``events`` up to ``timeout`` seconds; True when ready."""
+    poller = select.poll()
+    poller.register(sock, events)
+    return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+
+
 # One sendmsg / one recvmsg with fds. At merge these become cprfast._core.sendmsg_fds /
 # recvmsg_fds (same shape: one syscall, at most 253 fds, MSG_CMSG_CLOEXEC on receive).
-def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> int:
-    if not _wait(sock, select.POLLOUT, deadline):
+def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], timeout: float | None) -> int:
+    if not _wait(sock, select.POLLOUT, timeout):
         raise TimeoutError(f"timed out sending cpr state on fd {sock.fileno()}")
     return socket.send_fds(sock, [data], list(fds))
 
 
-def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, deadline: float | None) -> tuple[bytes, list[int]]:
-    if not _wait(sock, select.POLLIN, deadline):
+def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, timeout: float | None) -> tuple[bytes, list[int]]:
+    if not _wait(sock, select.POLLIN, timeout):
         raise TimeoutError(f"timed out receiving cpr state on fd {sock.fileno()}")
     # not socket.recv_fds: Python 3.11's drops its flags argument (no MSG_CMSG_CLOEXEC)
     data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
@@ -388,7 +392,7 @@ class SocketStreamReader(StreamReader):
         self._deadline = _deadline(timeout)
 
     def _more(self) -> bool:
-        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, self._deadline)
+        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, _remaining(self._deadline))
         self._fds.extend(fds)
         if self._pos:  # drop what the parser consumed
             del self._buf[: self._pos]
@@ -447,7 +451,7 @@ def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: se
     number = _s32(r, "fd number")
     try:
         fcntl.fcntl(number, fcntl.F_GETFD)
-    except (OSError, ValueError, OverflowError):
+    except (OSError, ValueError):  # ValueError: a negative number
         raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
     if number in numbers:
         # QEMU lets two keys share one number; we give each key its own fd to own.
@@ -557,9 +561,9 @@ def send_state(
 
 def _send_all(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> None:
     """Send ``data`` with ``fds`` attached to its first byte."""
-    sent = _sendmsg_fds(sock, data, fds, deadline)
+    sent = _sendmsg_fds(sock, data, fds, _remaining(deadline))
     while sent < len(data):
-        sent += _sendmsg_fds(sock, data[sent:], (), deadline)
+        sent += _sendmsg_fds(sock, data[sent:], (), _remaining(deadline))
 
 
 def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
@@ -573,8 +577,8 @@ def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     while True:
-        timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-        events = poller.poll(timeout_ms)
+        remaining = _remaining(deadline)
+        events = poller.poll(None if remaining is None else int(remaining * 1000))
         if not events:
             return False
         revents = events[0][1]
@@ -726,8 +730,7 @@ def load_incoming(
     with listen(cpr_channel) as listener:
         sock = listener.accept(timeout)
     try:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        state = receive_state(sock, timeout=remaining)
+        state = receive_state(sock, timeout=_remaining(deadline))
     except BaseException:
         sock.close()
         raise
