@@ -405,6 +405,15 @@ def test_number_mode_fd_must_be_open_and_repeats_get_their_own_fd(memfds: Callab
     assert fa == mine and fb != mine and inode(fb) == inode(mine)
     state.close()
     assert open_fds() == before
+    # a later entry naming the number our dup happened to get still owns a distinct fd
+    mine = os.dup(fd)
+    predicted = min(set(range(max(open_fds()) + 2)) - open_fds())
+    data = ref_stream([ref_fd_entry(n, 0, NUM(x)) for n, x in ((b"a", mine), (b"b", mine), (b"c", predicted))], [])
+    state = decode(StreamReader(data, inline_fds=False))
+    held = [fd for _, _, fd in state.entries()]
+    assert held[1] == predicted and len(set(held)) == 3
+    state.close()
+    assert open_fds() == before
     # a repeated number whose dup was made, then an error: the dup is closed, the adopted fd is not
     mine = os.dup(fd)
     data = REF_HEADER + ref_fd_entry(b"a", 1, NUM(mine)) + ref_fd_entry(b"b", 2, NUM(mine)) + b"\x03"

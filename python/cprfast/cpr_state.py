@@ -457,6 +457,7 @@ def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: se
         # QEMU lets two keys share one number; we give each key its own fd to own.
         dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
         owned.append(dup)
+        numbers.add(dup)  # a later entry naming this number gets its own fd too
         return dup
     numbers.add(number)
     return number
