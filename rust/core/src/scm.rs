@@ -334,16 +334,23 @@ impl UnixListener {
         Ok(listener)
     }
 
+    /// Check that `fd` is a listening `AF_UNIX` stream socket, as
+    /// [`UnixListener::from_fd`] requires (callers can check before giving
+    /// up ownership).
+    pub fn check_listening(fd: BorrowedFd<'_>) -> Result<()> {
+        let domain = rustix::net::sockopt::socket_domain(fd);
+        let kind = rustix::net::sockopt::socket_type(fd);
+        let listening = rustix::net::sockopt::socket_acceptconn(fd);
+        match (domain, kind, listening) {
+            (Ok(AddressFamily::UNIX), Ok(SocketType::STREAM), Ok(true)) => Ok(()),
+            _ => Err(Error::BadFd("fd is not a listening AF_UNIX stream socket".into())),
+        }
+    }
+
     /// Adopt an inherited listening socket (made non-blocking for `accept`).
     /// Its path, if any, is not unlinked on drop: whoever created it owns it.
     pub fn from_fd(fd: OwnedFd, allowed_uids: Option<Vec<u32>>) -> Result<Self> {
-        let domain = rustix::net::sockopt::socket_domain(&fd);
-        let kind = rustix::net::sockopt::socket_type(&fd);
-        let listening = rustix::net::sockopt::socket_acceptconn(&fd);
-        match (domain, kind, listening) {
-            (Ok(AddressFamily::UNIX), Ok(SocketType::STREAM), Ok(true)) => {}
-            _ => return Err(Error::BadFd("fd is not a listening AF_UNIX stream socket".into())),
-        }
+        Self::check_listening(fd.as_fd())?;
         let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| Error::os("fcntl(F_GETFL)", e))?;
         rustix::fs::fcntl_setfl(&fd, flags | OFlags::NONBLOCK).map_err(|e| Error::os("fcntl(F_SETFL)", e))?;
         let name = rustix::net::getsockname(&fd).map_err(|e| Error::os("getsockname", e))?;
