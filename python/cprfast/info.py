@@ -84,7 +84,7 @@ def probe_thp_shmem() -> Probe:
 def probe_scm_rights() -> Probe:
     """Pass SCM_MAX_FD fds in one message for real, and check the kernel refuses one more."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    extras = {"max_fds_per_message": _core.SCM_MAX_FD, "rlimit_nofile": [soft, hard]}
+    extras: dict[str, Any] = {"max_fds_per_message": _core.SCM_MAX_FD, "rlimit_nofile": [soft, hard]}
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:  # closing the pair also drops any fds still in flight
         try:

@@ -37,6 +37,9 @@ fn into_raw(fds: Vec<OwnedFd>) -> Vec<RawFd> {
     fds.into_iter().map(IntoRawFd::into_raw_fd).collect()
 }
 
+// Signature defaults are literals so Python shows them; keep them in step.
+const _: () = assert!(scm::SCM_MAX_FD == 253);
+
 fn no_check() -> cprfast_core::Result<()> {
     Ok(())
 }
@@ -51,7 +54,7 @@ pub fn sendmsg_fds(py: Python<'_>, sock: RawFd, data: &[u8], fds: Vec<RawFd>, ti
 
 /// ONE recvmsg of up to `bufsize` bytes and `max_fds` fds; b"" means end of stream.
 #[pyfunction]
-#[pyo3(signature = (sock, bufsize, max_fds=scm::SCM_MAX_FD, *, timeout=None))]
+#[pyo3(signature = (sock, bufsize, max_fds=253, *, timeout=None))]
 pub fn recvmsg_fds(
     py: Python<'_>,
     sock: RawFd,
@@ -76,8 +79,9 @@ pub fn send_fds(py: Python<'_>, sock: RawFd, data: &[u8], fds: Vec<RawFd>, timeo
 }
 
 /// Receive one bundle sent by `send_fds`: exactly its data and its fds.
+/// End of stream raises PeerClosedError; a bad header raises StreamError.
 #[pyfunction]
-#[pyo3(signature = (sock, *, max_fds=65536, max_data=16 << 20, timeout=None))]
+#[pyo3(signature = (sock, *, max_fds=65536, max_data=16_777_216, timeout=None))]
 pub fn recv_fds(
     py: Python<'_>,
     sock: RawFd,
