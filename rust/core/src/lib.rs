@@ -13,5 +13,8 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 pub mod error;
 pub mod layout;
 pub mod memfd;
+pub mod probe;
+pub mod scm;
+pub mod wait;
 
 pub use error::{Errno, Error, Result};

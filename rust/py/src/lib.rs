@@ -4,6 +4,9 @@
 
 mod errors;
 mod memfd;
+mod probe;
+mod scm;
+mod wait;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -12,6 +15,16 @@ mod _core {
 
     #[pymodule_export]
     use crate::memfd::PyRegion;
+    #[pymodule_export]
+    use crate::probe::probe_features;
+    #[pymodule_export]
+    use crate::scm::{
+        PyUnixListener, connect_unix, peer_credentials, recv_fds, recvmsg_fds, send_fds, sendmsg_fds,
+    };
+
+    /// Most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+    #[pymodule_export]
+    const SCM_MAX_FD: usize = cprfast_core::scm::SCM_MAX_FD;
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
