@@ -502,9 +502,8 @@ def test_receive_timeout_closes_partial_fds(memfds: Callable[[int], list[int]]) 
     head = REF_HEADER + ref_fd_entry(b"a", 1, b"")
     a.sendall(head)
     socket.send_fds(a, [SERVICE], [fd])  # one fd arrives, then the source stalls
-    with pytest.raises(TimeoutError) as e:
+    with pytest.raises(TimeoutError, match="timed out"):
         cs.receive_state(b, timeout=0.2)
-    assert str(e.value) == f"timed out receiving cpr state on fd {b.fileno()}"
     assert open_fds() == before
     a.close()
     b.close()

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cprfast import _core
 from cprfast.channels import FdAddress, MigrationAddress, UnixAddress, connect, listen
-from cprfast.errors import CprError, FdPassingError, MigrationError, StreamError
+from cprfast.errors import CprError, MigrationError, StreamError
 
 __all__ = [
     "EXEC_STATE_ENV",
@@ -346,37 +347,12 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _wait(sock: socket.socket, events: int, timeout: float | None) -> bool:
-    """Poll ``sock`` for ``events`` up to ``timeout`` seconds; True when ready."""
-    poller = select.poll()
-    poller.register(sock, events)
-    return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
-
-
-# One sendmsg / one recvmsg with fds. At merge these become cprfast._core.sendmsg_fds /
-# recvmsg_fds (same shape: one syscall, at most 253 fds, MSG_CMSG_CLOEXEC on receive).
 def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], timeout: float | None) -> int:
-    if not _wait(sock, select.POLLOUT, timeout):
-        raise TimeoutError(f"timed out sending cpr state on fd {sock.fileno()}")
-    return socket.send_fds(sock, [data], list(fds))
+    return _core.sendmsg_fds(sock.fileno(), data, fds, timeout=timeout)
 
 
 def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, timeout: float | None) -> tuple[bytes, list[int]]:
-    if not _wait(sock, select.POLLIN, timeout):
-        raise TimeoutError(f"timed out receiving cpr state on fd {sock.fileno()}")
-    # not socket.recv_fds: Python 3.11's drops its flags argument (no MSG_CMSG_CLOEXEC)
-    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
-    fds = [
-        fd
-        for level, kind, payload in ancdata
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-        for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
-    ]
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise FdPassingError(f"more than {max_fds} fds in one message: the kernel dropped some")
-    return data, fds
+    return _core.recvmsg_fds(sock.fileno(), bufsize, max_fds, timeout=timeout)
 
 
 class SocketStreamReader(StreamReader):
