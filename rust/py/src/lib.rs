@@ -2,6 +2,7 @@
 //! module; each method extracts its arguments, releases the GIL around the
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
+mod dirty;
 mod errors;
 mod memfd;
 
@@ -12,6 +13,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::memfd::PyRegion;
+
+    #[pymodule_export]
+    use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]

@@ -49,6 +49,12 @@ impl PyRegion {
         Ok(self.mapping()?.len())
     }
 
+    /// Address of the first byte of the mapping (for ctypes/KVM).
+    #[getter]
+    fn address(&self) -> PyResult<usize> {
+        Ok(self.mapping()?.as_ptr() as usize)
+    }
+
     /// Unmap and close the memfd. Idempotent.
     fn close(&self) {
         if let Ok(mut guard) = self.inner.write() {

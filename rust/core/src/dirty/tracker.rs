@@ -75,7 +75,7 @@ impl Tracker {
     /// Begin tracking: from now on every write is reported by the next sync.
     pub fn start(&mut self) -> Result<()> {
         if self.active {
-            return Err(Error::Busy("the tracker is already started".into()));
+            return Err(Error::InvalidArgument("the tracker is already started".into()));
         }
         if self.kernel {
             self.uffd = Some(UffdWp::start(Arc::clone(&self.mapping))?);

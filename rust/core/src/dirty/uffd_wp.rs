@@ -218,7 +218,7 @@ impl UffdWp {
         // is our live mapping (kept alive by the `Arc` we store).
         unsafe { raw_ioctl(&uffd, UFFDIO_REGISTER, (&raw mut reg).cast()) }.map_err(|e| match e {
             rustix::io::Errno::BUSY => {
-                Error::Busy("the region is already write-tracked by another userfaultfd".into())
+                Error::os("UFFDIO_REGISTER: the region is already write-tracked by another userfaultfd", e)
             }
             e => Error::os(format!("UFFDIO_REGISTER(WP, {:#x} bytes)", range.len), e),
         })?;
