@@ -100,7 +100,7 @@ def test_sync_4gib_kernel(benchmark: Any, big: Any, fraction: float) -> None:
 @pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda f: f"{f:.1%}")
 def test_sync_4gib_python_crc_baseline(benchmark: Any, big: Any, fraction: float) -> None:
     region, view = big
-    mv = memoryview(view)[: SUBSET * PS]  # type: ignore[arg-type]
+    mv = memoryview(view)[: SUBSET * PS]
     snapshot = [zlib.crc32(mv[o : o + PS]) for o in range(0, SUBSET * PS, PS)]
     offsets = dirty_offsets(SUBSET, fraction, 2)
     value = iter(range(1, 1 << 30))

@@ -183,10 +183,10 @@ mod tests {
         assert_eq!(size_of::<KvmDirtyLogArg>(), 16);
         assert_eq!(size_of::<KvmClearDirtyLog>(), 24);
         assert_eq!(size_of::<KvmEnableCap>(), 104);
-        assert_eq!(KVM_CHECK_EXTENSION as u32, 0xAE03);
-        assert_eq!(KVM_GET_DIRTY_LOG as u32, 0x4010_AE42);
-        assert_eq!(KVM_ENABLE_CAP as u32, 0x4068_AEA3);
-        assert_eq!(KVM_CLEAR_DIRTY_LOG as u32, 0xC018_AEC0);
+        assert_eq!(KVM_CHECK_EXTENSION, 0xAE03);
+        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_AE42);
+        assert_eq!(KVM_ENABLE_CAP, 0x4068_AEA3);
+        assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xC018_AEC0);
     }
 
     #[test]

@@ -365,12 +365,12 @@ mod tests {
         assert_eq!(size_of::<UffdioApi>(), 24);
         assert_eq!(size_of::<UffdioRegister>(), 32);
         assert_eq!(size_of::<UffdioWriteprotect>(), 24);
-        assert_eq!(PAGEMAP_SCAN as u32, 0xC060_6610);
-        assert_eq!(UFFDIO_API as u32, 0xC018_AA3F);
-        assert_eq!(UFFDIO_REGISTER as u32, 0xC020_AA00);
-        assert_eq!(UFFDIO_UNREGISTER as u32, 0x8010_AA01);
-        assert_eq!(UFFDIO_WRITEPROTECT as u32, 0xC018_AA06);
-        assert_eq!(USERFAULTFD_IOC_NEW as u32, 0xAA00);
+        assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
+        assert_eq!(UFFDIO_API, 0xC018_AA3F);
+        assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_AA01);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
+        assert_eq!(USERFAULTFD_IOC_NEW, 0xAA00);
     }
 
     #[test]
