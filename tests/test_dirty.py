@@ -165,10 +165,13 @@ def test_python_writes_are_reported_exactly_and_once(region: _core.Region) -> No
 
 
 @needs_wp
-def test_native_thread_writes_are_all_reported_once(region: _core.Region) -> None:
+def test_native_thread_writes_are_all_reported(region: _core.Region) -> None:
     # ctypes.memset runs in C with the GIL released: these are native writes
-    # racing with syncs. Each page gets one single-byte write, so each page
-    # must show up in exactly one sync.
+    # racing with syncs, one single-byte write per page. None may be missed and
+    # nothing unwritten may appear. The kernel records a write at its fault,
+    # just before the store lands, so a write racing a sync can show up in
+    # that sync and once more later (conservative; see uffd_wp.rs) — never
+    # more than twice, and a sync after the writers finish is empty.
     nthreads = 4
     order = list(range(1024))
     random.Random(5).shuffle(order)
@@ -195,10 +198,11 @@ def test_native_thread_writes_are_all_reported_once(region: _core.Region) -> Non
         done.set()
         s.join()
         seen.append(pages_of(t.sync()))
-        assert t.syncs == len(seen) > 1
+        assert t.sync().count == 0
+        assert t.syncs == len(seen) + 1 > 2
     expected = {p for m in mine for p in m}
     assert set().union(*seen) == expected
-    assert sum(len(x) for x in seen) == len(expected)
+    assert all(sum(p in x for x in seen) <= 2 for p in expected)
 
 
 @needs_wp

@@ -8,6 +8,12 @@
 //! write is either in this sync or in the next. It sees writes by every thread
 //! of the process, native or Python, and by the kernel on its behalf (KVM).
 //!
+//! The kernel records a write when the store faults, just before it lands.
+//! So a write that races with a scan may be reported by that scan and once
+//! more by a later one (the store retried after the re-protect): tracking is
+//! conservative, a write is never missed, and a page written once while no
+//! scan runs is reported exactly once.
+//!
 //! Neither libc nor rustix defines this ABI (Linux 6.7+), so it is defined
 //! here from `include/uapi/linux/fs.h` and `include/uapi/linux/userfaultfd.h`.
 
