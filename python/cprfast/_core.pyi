@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Final, Self, final
+from typing import Any, Final, Self, final
 
 import numpy as np
 import numpy.typing as npt
@@ -15,16 +15,20 @@ from typing_extensions import Buffer
 
 __all__ = [
     "SCM_MAX_FD",
-    "Region",
-    "UnixListener",
     "connect_unix",
     "core_version",
+    "DirtyBitmap",
+    "DirtySet",
     "peer_credentials",
     "probe_features",
+    "probe_write_tracking",
     "recv_fds",
     "recvmsg_fds",
+    "Region",
     "send_fds",
     "sendmsg_fds",
+    "Tracker",
+    "UnixListener",
 ]
 
 def core_version() -> str: ...
@@ -122,3 +126,68 @@ class UnixListener:
 # --- feature probes ---------------------------------------------------------
 
 def probe_features() -> dict[str, dict[str, bool | str | int | None]]: ...
+
+# --- dirty tracking (rust/py/src/dirty.rs) ---
+
+@final
+class DirtyBitmap:
+    """An atomic dirty bitmap (one bit per host page) that a VMM marks itself."""
+
+    def __new__(cls, npages: int) -> DirtyBitmap: ...
+    @property
+    def npages(self) -> int: ...
+    def mark(self, page: int) -> None: ...
+    def mark_range(self, first: int, count: int) -> None: ...
+    def mark_bytes(self, offset: int, length: int) -> None: ...
+    def test(self, page: int) -> bool: ...
+    def count(self) -> int: ...
+    def sync(self) -> DirtySet: ...
+    def clear(self) -> None: ...
+
+@final
+class DirtySet:
+    """Pages dirtied since the previous sync: read-only uint64 words and runs."""
+
+    @property
+    def words(self) -> npt.NDArray[np.uint64]: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def npages(self) -> int: ...
+    @property
+    def page_size(self) -> int: ...
+    def ranges(self) -> list[tuple[int, int]]: ...
+    def __len__(self) -> int: ...
+
+@final
+class Tracker:
+    """Dirty tracking of one region, merging kernel, bitmap and KVM sources."""
+
+    def __new__(
+        cls,
+        region: Region,
+        *,
+        kernel: bool = False,
+        bitmap: DirtyBitmap | None = None,
+        kvm: tuple[int, int] | None = None,
+    ) -> Tracker: ...
+    def start(self) -> None: ...
+    def sync(self) -> DirtySet: ...
+    def stop(self) -> None: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def syncs(self) -> int: ...
+    @property
+    def last_count(self) -> int: ...
+    @property
+    def npages(self) -> int: ...
+    def __enter__(self) -> Tracker: ...
+    def __exit__(
+        self,
+        ty: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+def probe_write_tracking() -> dict[str, Any]: ...

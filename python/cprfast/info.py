@@ -130,7 +130,7 @@ def collect() -> dict[str, Probe]:
         "scm_rights": probe_scm_rights(),
         "soft_dirty": core["soft_dirty"],
     }
-    results.update(_extension_probes("write_tracking", "probe_write_tracking"))
+    results["write_tracking"] = dict(_core.probe_write_tracking())
     results.update(_extension_probes("kvm", "probe_kvm"))
     return results
 

@@ -2,6 +2,7 @@
 //! module; each method extracts its arguments, releases the GIL around the
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
+mod dirty;
 mod errors;
 mod memfd;
 mod probe;
@@ -25,6 +26,9 @@ mod _core {
     /// Most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
     #[pymodule_export]
     const SCM_MAX_FD: usize = cprfast_core::scm::SCM_MAX_FD;
+
+    #[pymodule_export]
+    use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
