@@ -12,6 +12,7 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 
 pub mod error;
 pub mod layout;
+pub mod kvm;
 pub mod memfd;
 
 pub use error::{Errno, Error, Result};
