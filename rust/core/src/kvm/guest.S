@@ -2,8 +2,9 @@
  * The cprfast KVM guest: a few instructions of 64-bit code that keep a
  * heartbeat and dirty a hot working set, forever, without ever exiting to
  * the VMM. The VMM starts the vCPU directly in long mode (CR0.PG, CR4.PAE,
- * EFER.LME/LMA) with an identity map of all guest RAM, so every address
- * below is a guest-physical offset into the RAM memfd.
+ * EFER.LME/LMA) at CPL 3 with an identity map of all guest RAM, so every
+ * address below is a guest-physical offset into the RAM memfd. (CPL 3
+ * because nested PVM runs guest user mode natively; see guest.rs.)
  *
  * Plain GNU as (no C preprocessor). The machine code is checked in as
  * guest.bin; `cargo test -p cprfast-core guest_bin_matches_source`
