@@ -6,6 +6,7 @@ os.pread: that sees the guest's writes without touching the mapping.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -294,3 +295,37 @@ def test_unexpected_exit_is_reported_not_looped(code: bytes, reason: str) -> Non
     finally:
         vm.close()
         ram.close()
+
+
+NO_KVM_CHILD = r"""
+import errno
+import json
+from cprfast import FeatureUnavailableError, _core
+probe = _core.probe_kvm()
+try:
+    _core.KvmVm()
+except FeatureUnavailableError as e:
+    print(json.dumps({"probe": probe, "errno": e.errno, "text": str(e)}))
+"""
+
+
+def test_unusable_dev_kvm_names_the_feature_and_errno() -> None:
+    """/dev/null bind-mounted over /dev/kvm in a private mount namespace: opens, but is not KVM."""
+    script = f"mount --bind /dev/null /dev/kvm && exec {sys.executable} -c '{NO_KVM_CHILD}'"
+    try:
+        out = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare(1) not installed")
+    if out.returncode != 0 and b"mount" in out.stderr + out.stdout:
+        pytest.skip(f"cannot make a private mount namespace: {out.stderr.decode().strip()}")
+    assert out.returncode == 0, out.stderr.decode()
+    seen = json.loads(out.stdout)
+    assert seen["errno"] == errno.ENOTTY
+    assert "KVM (/dev/kvm)" in seen["text"]
+    assert seen["probe"]["available"] is False
+    assert seen["probe"]["errno"] == errno.ENOTTY
+    assert "KVM (/dev/kvm)" in seen["probe"]["detail"]
