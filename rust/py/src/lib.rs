@@ -4,6 +4,7 @@
 
 mod dirty;
 mod errors;
+mod kvm;
 mod memfd;
 mod probe;
 mod scm;
@@ -29,6 +30,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
+
+    #[pymodule_export]
+    use crate::kvm::{PyKvmVm, probe_kvm};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
