@@ -3,7 +3,9 @@
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
 mod errors;
+mod guest_threads;
 mod memfd;
+mod observe;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -11,7 +13,11 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
+    use crate::guest_threads::PyThreadsGuest;
+    #[pymodule_export]
     use crate::memfd::PyRegion;
+    #[pymodule_export]
+    use crate::observe::{PyObserver, PyObserverReport};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
