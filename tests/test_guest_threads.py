@@ -134,8 +134,10 @@ def test_state_errors(region: Region) -> None:
         g.start()
         with pytest.raises(ValueError, match="must be paused"):
             g.save_state()
+        wait_for(lambda: g.heartbeat > 100, "heartbeat")
         g.pause()
         state = g.save_state()
+        saved_hb = g.heartbeat
         g.resume()
         with pytest.raises(ValueError, match="must be paused"):
             g.load_state(state)
@@ -149,7 +151,7 @@ def test_state_errors(region: Region) -> None:
     with pytest.raises(ValueError, match="hot set"):
         ThreadsGuest(region, hot_len=HOT // 2).load_state(state)
     # Memory that does not hold the saved heartbeat was not preserved.
-    os.pwrite(region.fileno(), struct.pack("<Q", 7), HEARTBEAT)
+    os.pwrite(region.fileno(), struct.pack("<Q", saved_hb + 1), HEARTBEAT)
     with pytest.raises(StreamError, match="not preserved"):
         fresh.load_state(state)
     fresh.close()

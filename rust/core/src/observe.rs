@@ -4,6 +4,12 @@
 //! timestamps. The guest pause is the longest window in which the heartbeat
 //! did not move.
 //!
+//! A stall is measured conservatively, as the smallest window sure to contain
+//! it: from the last sample that still showed the value before the change that
+//! began it, to the first sample that showed the change that ended it. It
+//! exceeds the true stall by at most the two sampling intervals at its edges
+//! (normally well under a microsecond; `max_sample_gap_ns` bounds them).
+//!
 //! The memfd may be ours (by fd) or any process's, reopened through
 //! `/proc/PID/fd/N` (a QEMU with a memfd memory backend works the same way).
 //! [`Observer::retarget`] switches to another memfd while sampling, to follow
@@ -138,7 +144,8 @@ pub struct Report {
     pub max_stall_ns: u64,
     /// When that window started.
     pub max_stall_at_ns: u64,
-    /// When the heartbeat was last seen to change.
+    /// The last change happened after this time (the sample before it still
+    /// showed the previous value): where a stall open now began.
     pub last_change_at_ns: u64,
     /// The heartbeat value last read.
     pub last_value: u64,
@@ -189,11 +196,13 @@ impl Stats {
         }
     }
 
-    fn record_change(&mut self, now: u64, value: u64) {
+    /// A change first seen at `seen`; the sample before it, at `before`, still
+    /// showed the previous value, so the change happened in `(before, seen]`.
+    fn record_change(&mut self, before: u64, seen: u64, value: u64) {
         if value < self.last_value {
             self.monotonic = false;
         }
-        let gap = now - self.last_change;
+        let gap = seen - self.last_change;
         let us = gap / 1000;
         let bucket = if us == 0 { 0 } else { (64 - us.leading_zeros() as usize).min(BUCKETS - 1) };
         self.hist[bucket] += 1;
@@ -205,7 +214,7 @@ impl Stats {
             self.top.push(entry);
         }
         self.changes += 1;
-        self.last_change = now;
+        self.last_change = before;
         self.last_value = value;
     }
 
@@ -270,7 +279,7 @@ pub struct Observer {
     interval_ns: u64,
     map: Mutex<Arc<HeartbeatMap>>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<u64>>>,
 }
 
 impl Observer {
@@ -314,7 +323,7 @@ impl Observer {
         let shared = Arc::clone(&self.shared);
         let interval = self.interval_ns;
         let handle = std::thread::Builder::new()
-            .name("cprfast-observer".into())
+            .name("cprfast-obs".into())
             .spawn(move || sample(&shared, map, interval))
             .map_err(|e| Error::Os {
                 op: "spawn observer thread".into(),
@@ -339,9 +348,8 @@ impl Observer {
         let Some(handle) = handle else {
             return Err(Error::InvalidArgument("observer is not running".into()));
         };
-        let end = monotonic_ns();
         self.shared.stop.store(true, Ordering::Relaxed);
-        let _ = handle.join();
+        let end = handle.join().unwrap_or_else(|_| monotonic_ns());
         Ok(self.current_report(end))
     }
 
@@ -387,9 +395,14 @@ fn tight_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
 }
 
-/// The sampling loop.
-fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
-    let (mut last, started) = {
+/// The sampling loop; returns the time of its last sample.
+///
+/// Every read is bracketed by the timestamps taken before it and before the
+/// next read, so a change seen by read `k` happened after `T[k-1]` (read `k-1`
+/// still showed the old value) and is recorded as seen at `T[k+1]`, even if
+/// the thread was descheduled between a read and a timestamp.
+fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) -> u64 {
+    let (mut last, mut prev_t) = {
         let stats = lock(&shared.stats);
         stats.as_ref().map_or((map.read(), monotonic_ns()), |s| (s.last_value, s.started_at))
     };
@@ -398,9 +411,25 @@ fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
     }
     let pause = std::time::Duration::from_nanos(interval_ns);
     let mut samples = 0u64;
-    let mut prev_t = started;
     let mut max_sample_gap = 0u64;
-    while !shared.stop.load(Ordering::Relaxed) {
+    // A change read but not yet recorded: (time before the previous read, value).
+    let mut pending: Option<(u64, u64)> = None;
+    loop {
+        let t = monotonic_ns();
+        if let Some((before, value)) = pending.take()
+            && let Some(s) = lock(&shared.stats).as_mut()
+        {
+            s.record_change(before, t, value);
+        }
+        if t - prev_t > max_sample_gap {
+            max_sample_gap = t - prev_t;
+            if let Some(s) = lock(&shared.stats).as_mut() {
+                s.max_sample_gap = max_sample_gap;
+            }
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return t;
+        }
         if shared.switch.load(Ordering::Acquire) {
             shared.switch.store(false, Ordering::Relaxed);
             if let Some(next) = lock(&shared.pending).take() {
@@ -409,22 +438,13 @@ fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
             }
         }
         let v = map.read();
-        let t = monotonic_ns();
         samples += 1;
         shared.samples.store(samples, Ordering::Relaxed);
-        if t - prev_t > max_sample_gap {
-            max_sample_gap = t - prev_t;
-            if let Some(s) = lock(&shared.stats).as_mut() {
-                s.max_sample_gap = max_sample_gap;
-            }
-        }
-        prev_t = t;
         if v != last {
             last = v;
-            if let Some(s) = lock(&shared.stats).as_mut() {
-                s.record_change(t, v);
-            }
+            pending = Some((prev_t, v));
         }
+        prev_t = t;
         if interval_ns > 0 {
             std::thread::sleep(pause);
         } else {
@@ -487,7 +507,7 @@ mod tests {
         let mut t = 0;
         for i in 1..=200u64 {
             t += i * 1000;
-            s.record_change(t, i);
+            s.record_change(t, t, i);
         }
         let rep = s.report(t, 0);
         assert_eq!(rep.top_gaps.len(), TOP_GAPS);

@@ -44,7 +44,8 @@ pub struct PyObserverReport {
 
 #[pymethods]
 impl PyObserverReport {
-    /// The longest window in which the heartbeat did not move: the guest pause.
+    /// The longest window in which the heartbeat did not move: the guest pause
+    /// (conservative: the smallest window sure to contain it).
     #[getter]
     fn max_stall_ns(&self) -> u64 {
         self.inner.max_stall_ns
@@ -79,7 +80,7 @@ impl PyObserverReport {
     fn started_at_ns(&self) -> u64 {
         self.inner.started_at_ns
     }
-    /// When the heartbeat was last seen to change, relative to the start.
+    /// The last change happened after this time (relative): where an open stall began.
     #[getter]
     fn last_change_at_ns(&self) -> u64 {
         self.inner.last_change_at_ns
