@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +36,7 @@ def page_heads(region: Region, start: int, length: int) -> list[int]:
     return [struct.unpack_from("<Q", data, off)[0] for off in range(0, length, PAGE)]
 
 
-def wait_for(pred: object, what: str, timeout: float = 30.0) -> None:
-    assert callable(pred)
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

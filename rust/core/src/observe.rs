@@ -20,7 +20,7 @@
 
 use std::collections::BinaryHeap;
 use std::cmp::Reverse;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +34,8 @@ use crate::memfd::host_page_size;
 
 /// How many of the longest stalls a report keeps individually.
 pub const TOP_GAPS: usize = 64;
+/// The longest pause between samples [`Observer::new`] accepts (1 ms).
+pub const MAX_INTERVAL_NS: u64 = 1_000_000;
 /// Number of log2 histogram buckets; bucket `i` holds gaps below `1 µs << i`.
 const BUCKETS: usize = 48;
 
@@ -76,7 +78,7 @@ impl HeartbeatMap {
         }
         let owned: OwnedFd;
         let (fd, what) = match target {
-            Target::Fd(fd) => (*fd, format!("fd {fd:?}")),
+            Target::Fd(fd) => (*fd, format!("fd {}", fd.as_raw_fd())),
             Target::Path(path) => {
                 owned = rustix::fs::open(*path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| Error::os(format!("open({})", path.display()), e))?;
@@ -286,6 +288,11 @@ impl Observer {
     /// Map the page holding the u64 at `offset` of `target`. `interval_ns` = 0
     /// busy-polls; otherwise the thread sleeps that long between samples.
     pub fn new(target: &Target<'_>, offset: usize, interval_ns: u64) -> Result<Self> {
+        if interval_ns > MAX_INTERVAL_NS {
+            return Err(Error::InvalidArgument(format!(
+                "sampling interval {interval_ns} ns is above {MAX_INTERVAL_NS} ns: too coarse to measure a pause"
+            )));
+        }
         let map = HeartbeatMap::open(target, offset)?;
         Ok(Self {
             offset,
@@ -348,9 +355,12 @@ impl Observer {
         let Some(handle) = handle else {
             return Err(Error::InvalidArgument("observer is not running".into()));
         };
+        // The window runs until now, or until the thread's last sample if it
+        // was taken later (a thread descheduled before its last look took it earlier).
+        let now = monotonic_ns();
         self.shared.stop.store(true, Ordering::Relaxed);
-        let end = handle.join().unwrap_or_else(|_| monotonic_ns());
-        Ok(self.current_report(end))
+        let last = handle.join().unwrap_or(now);
+        Ok(self.current_report(now.max(last)))
     }
 
     fn current_report(&self, end: u64) -> Report {

@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 
 use crate::errors::PyResultCore;
 
+const _: () = assert!(layout::HEARTBEAT == 0x1000, "update the text_signature below");
+
 /// A memfd given as an open fd number or as a path (e.g. `/proc/PID/fd/N`).
 #[derive(FromPyObject)]
 pub enum PathOrFd {
@@ -134,6 +136,7 @@ pub struct PyObserver {
 impl PyObserver {
     #[new]
     #[pyo3(signature = (path_or_fd, offset = layout::HEARTBEAT, *, interval_ns = 0))]
+    #[pyo3(text_signature = "(path_or_fd, offset=0x1000, *, interval_ns=0)")]
     fn new(py: Python<'_>, path_or_fd: PathOrFd, offset: usize, interval_ns: u64) -> PyResultCore<Self> {
         let inner = py.detach(|| path_or_fd.with(|t| Observer::new(t, offset, interval_ns)))?;
         Ok(Self { inner })
