@@ -181,14 +181,15 @@ impl ThreadsGuest {
     /// After `Some`, the thread writes nothing until [`ThreadsGuest::resume`].
     pub fn wait_parked(&self, ticket: &PauseTicket, timeout: Duration) -> Option<Duration> {
         let deadline = Instant::now() + timeout;
-        // The thread parks within one heartbeat (microseconds): spin briefly
-        // before sleeping on the condition variable.
-        let spin_until = Instant::now() + Duration::from_micros(200).min(timeout);
+        // A running thread parks within one heartbeat (well under a µs): poll
+        // briefly, yielding so a guest thread queued on our CPU gets to run,
+        // then sleep on the condition variable.
+        let spin_until = Instant::now() + Duration::from_micros(20).min(timeout);
         while Instant::now() < spin_until {
             if self.shared.parked_epoch.load(Ordering::Acquire) >= ticket.epoch {
                 return Some(ticket.requested.elapsed());
             }
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
         let mut ctl = lock(&self.shared.ctl);
         while ctl.parked_epoch < ticket.epoch {
