@@ -366,3 +366,18 @@ def test_stale_socket_is_replaced_and_bind_errors_surface(tmp_path: Path) -> Non
     bad = Vmm(tmp_path / "no-such-dir" / "x.sock")
     with pytest.raises(FileNotFoundError):
         bad.server.start_in_thread()
+
+
+def test_oversized_message_is_refused(vmm: Vmm, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cprfast.qmp
+
+    monkeypatch.setattr(cprfast.qmp, "_MAX_MESSAGE", 4096)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(vmm.path))
+        f = s.makefile("rwb")
+        json.loads(f.readline())
+        f.write(b'{"execute": "qmp_capabilities", "arguments": {"x": "' + b"a" * 8192)
+        f.flush()
+        reply = json.loads(f.readline())
+        assert reply == {"error": {"class": "GenericError", "desc": "JSON parse error, message too long"}}
+        assert f.readline() == b""  # and the server hangs up
