@@ -13,5 +13,6 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 pub mod error;
 pub mod layout;
 pub mod memfd;
+pub mod pagestream;
 
 pub use error::{Errno, Error, Result};
