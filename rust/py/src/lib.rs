@@ -4,6 +4,7 @@
 
 mod errors;
 mod memfd;
+mod pagestream;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -12,6 +13,10 @@ mod _core {
 
     #[pymodule_export]
     use crate::memfd::PyRegion;
+    #[pymodule_export]
+    use crate::pagestream::{
+        PyStreamProgress, PyStreamStats, load_mapped, mapped_file_size, recv_pages, save_mapped, send_pages,
+    };
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]

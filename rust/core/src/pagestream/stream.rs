@@ -328,7 +328,7 @@ mod tests {
             sm.write(p * 4096 + 7, &[p as u8 | 1; 100]).unwrap();
         }
         let dm = dst.mapping();
-        dm.write(1 * 4096, &[9; 4096]).unwrap(); // a page that must be zeroed
+        dm.write(4096, &[9; 4096]).unwrap(); // page 1: must be zeroed
         let pairs: Vec<_> = (0..2)
             .map(|_| {
                 rustix::net::socketpair(
