@@ -30,11 +30,22 @@ fn retry(fd: BorrowedFd<'_>, e: Errno, out: bool, ctl: &Control<'_>, op: &dyn Fn
 }
 
 /// Write all of `buf` to a stream fd (socket, pipe or file at its position).
+///
+/// A signal that arrives after part of a blocking write was done makes the
+/// write return short instead of failing with `EINTR`; a short write that
+/// blocked for a while therefore also asks `ctl` whether to abort.
 pub(super) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<()> {
+    const LONG_BLOCK: Duration = Duration::from_millis(20);
     while !buf.is_empty() {
+        let t = Instant::now();
         match rustix::io::write(fd, buf) {
             Ok(0) => return Err(Error::PeerClosed(op())),
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => {
+                buf = &buf[n..];
+                if !buf.is_empty() && t.elapsed() >= LONG_BLOCK && ctl.interrupted() {
+                    return Err(Error::os(op(), Errno::INTR));
+                }
+            }
             Err(Errno::PIPE | Errno::CONNRESET) => return Err(Error::PeerClosed(op())),
             Err(e) => retry(fd, e, true, ctl, op)?,
         }

@@ -22,7 +22,9 @@ use rustix::fs::FallocateFlags;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::io::{pread_full, pwrite_all};
-use super::{Control, Holes, Selection, Stats, bit, copy_in, copy_out, count, is_zero, parallel, runs, set_bit, window_pages, zero_pages};
+use super::{
+    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
+};
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
 
@@ -235,14 +237,11 @@ pub fn save_mapped(
                 let page = first + i;
                 let dst = &mut buf[i * ps..(i + 1) * ps];
                 let sum = &mut sums[page - t * per * win];
-                if holes.is_hole((page * ps) as u64)? || {
-                    copy_out(m, page, dst);
-                    is_zero(dst)
-                } {
+                if fetch(m, &mut holes, page, dst)? {
+                    *sum = xxh3_64(dst);
+                } else {
                     set_bit(&mut zero, i);
                     *sum = 0;
-                } else {
-                    *sum = xxh3_64(dst);
                 }
             }
             let data_at = |i: usize| offset + lay.data + ((first + i) * ps) as u64;

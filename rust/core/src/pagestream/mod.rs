@@ -207,18 +207,38 @@ fn runs(span: usize, pred: impl Fn(usize) -> bool) -> impl Iterator<Item = (usiz
 }
 
 /// True if the private buffer is all zero bytes.
+#[cfg(test)]
 fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(512).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-/// Copy page `page` of the mapping into the private buffer `dst` (one page long).
-fn copy_out(m: &Mapping, page: usize, dst: &mut [u8]) {
+/// True if page `page` of the mapping reads as zeros. Volatile word reads,
+/// stopping at the first non-zero block, so a zero page is never copied.
+fn page_is_zero(m: &Mapping, page: usize) -> bool {
     let ps = m.page_size();
-    assert!(page < m.pages() && dst.len() == ps, "page {page} out of range");
-    // SAFETY: `page` is inside the mapping (asserted); `dst` is a private
-    // buffer of exactly one page that cannot overlap the shared mapping. The
-    // guest may write the page meanwhile: we only ever copy raw bytes.
+    assert!(page < m.pages(), "page {page} out of range");
+    // SAFETY: in range (asserted); the mapping is page-aligned, so u64-aligned.
+    let base = unsafe { m.as_ptr().add(page * ps) }.cast::<u64>();
+    (0..ps / 8).step_by(8).all(|i| {
+        // SAFETY: words `i..i+8` lie inside the page (`ps` is a multiple of 64);
+        // volatile reads of shared memory another thread may be writing.
+        (0..8).fold(0, |acc, j| acc | unsafe { base.add(i + j).read_volatile() }) == 0
+    })
+}
+
+/// Fetch page `page` into the private one-page buffer `dst`, unless it is a
+/// hole or reads as zeros: then return `false` and leave `dst` alone.
+fn fetch(m: &Mapping, holes: &mut Holes<'_>, page: usize, dst: &mut [u8]) -> Result<bool> {
+    let ps = m.page_size();
+    if holes.is_hole((page * ps) as u64)? || page_is_zero(m, page) {
+        return Ok(false);
+    }
+    assert!(dst.len() == ps, "buffer is not one page");
+    // SAFETY: `page` is inside the mapping (checked by `page_is_zero`); `dst` is
+    // a private buffer of exactly one page that cannot overlap the shared
+    // mapping. The guest may write the page meanwhile: we only copy raw bytes.
     unsafe { std::ptr::copy_nonoverlapping(m.as_ptr().add(page * ps), dst.as_mut_ptr(), ps) };
+    Ok(true)
 }
 
 /// Copy verified bytes from a private buffer into pages `[page, page+n)`.

@@ -18,14 +18,14 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::io::{Limiter, read_full, write_all};
 use super::{
-    Control, Holes, Selection, Stats, bit, copy_in, copy_out, count, is_zero, parallel, runs, set_bit, window_pages,
-    zero_pages,
+    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
 };
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
@@ -117,6 +117,18 @@ pub fn send(
     Ok(stats)
 }
 
+/// A sealed frame on its way to a channel's writer thread.
+struct Out {
+    buf: Vec<u8>,
+    len: usize,
+    pages: u64,
+    zero: u64,
+    chunks: u64,
+    what: String,
+}
+
+/// Send one channel: a producer thread fills and seals frames while this
+/// thread writes the previous one (two buffers rotate between them).
 #[allow(clippy::too_many_arguments)]
 fn send_channel(
     m: &Mapping,
@@ -128,27 +140,70 @@ fn send_channel(
     failed: &AtomicBool,
     ctl: &Control<'_>,
 ) -> Result<Stats> {
-    let (ps, pages, win) = (m.page_size(), m.pages(), window_pages(m.page_size()));
     let fd = fds[ch];
+    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(1);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        free_tx.send(vec![0u8; HEADER + window_pages(m.page_size()) * m.page_size() + SUM]).expect("receiver is here");
+    }
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || produce(m, holes, fds.len(), ch, sel, failed, &free_rx, full_tx));
+        // Writing stays on this thread: for channel 0 that is the caller's, where
+        // a signal interrupts a blocked write and the caller's hook can abort.
+        let written = (|| {
+            let mut local = Stats::default();
+            for out in &full_rx {
+                write_all(fd, &out.buf[..out.len], ctl, &|| format!("page stream channel {ch}: sending {}", out.what))?;
+                ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
+                limiter.pace(out.len as u64, ctl)?;
+                // The producer may have stopped already; then the buffer is just dropped.
+                let _ = free_tx.send(out.buf);
+            }
+            Ok(local)
+        })();
+        // Unblock a producer waiting for a buffer or a free slot.
+        drop((full_rx, free_tx));
+        let produced = producer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // A writer error explains why the producer stopped early: report it first.
+        let local = written?;
+        produced?;
+        Ok(local)
+    })
+}
+
+/// Fill and seal the frames of channel `ch` and hand them to its writer;
+/// returns early (`Ok`) if the writer has stopped; it reports its own error.
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    m: &Mapping,
+    holes: Option<BorrowedFd<'_>>,
+    channels: usize,
+    ch: usize,
+    sel: Selection<'_>,
+    failed: &AtomicBool,
+    free: &mpsc::Receiver<Vec<u8>>,
+    full: mpsc::SyncSender<Out>,
+) -> Result<()> {
+    let (ps, pages, win) = (m.page_size(), m.pages(), window_pages(m.page_size()));
     let mut holes = Holes::new(holes);
-    let mut buf = vec![0u8; HEADER + win * ps + SUM];
-    let mut local = Stats::default();
-    let emit = |buf: &[u8], what: &str, local: &mut Stats, pages: u64, zero: u64, chunks: u64| -> Result<()> {
-        write_all(fd, buf, ctl, &|| format!("page stream channel {ch}: sending {what}"))?;
-        ctl.count(local, buf.len() as u64, pages, zero, chunks);
-        limiter.pace(buf.len() as u64, ctl)
+    let (mut chunks, mut sent_pages, mut zero_pages) = (0u64, 0u64, 0u64);
+    let ship = |buf: Vec<u8>, len: usize, pages: u64, zero: u64, chunks: u64, what: String| {
+        full.send(Out { buf, len, pages, zero, chunks, what }).is_ok()
     };
+    let Ok(mut buf) = free.recv() else { return Ok(()) };
     let start = Frame {
         kind: KIND_START,
         a: pages as u64,
         b: u32::try_from(ps).map_err(|_| Error::InvalidArgument(format!("page size {ps} too large")))?,
         c: VERSION,
-        sent: [ch as u64, fds.len() as u64, win as u64, 0],
+        sent: [ch as u64, channels as u64, win as u64, 0],
         zero: [0; 4],
     };
     let n = seal(&mut buf, &start, 0);
-    emit(&buf[..n], "the start frame", &mut local, 0, 0, 0)?;
-    for w in (ch..pages.div_ceil(win)).step_by(fds.len()) {
+    if !ship(buf, n, 0, 0, 0, "the start frame".into()) {
+        return Ok(());
+    }
+    for w in (ch..pages.div_ceil(win)).step_by(channels) {
         if failed.load(Ordering::Relaxed) {
             return Err(Error::Corrupt(format!("page stream channel {ch}: stopped because another channel failed")));
         }
@@ -157,35 +212,29 @@ fn send_channel(
         if sent == [0; 4] {
             continue;
         }
+        let Ok(mut buf) = free.recv() else { return Ok(()) };
         let mut zero = [0u64; 4];
         let mut data = 0;
         for i in (0..span).filter(|&i| bit(&sent, i)) {
-            let page = first + i;
-            if holes.is_hole((page * ps) as u64)? {
-                set_bit(&mut zero, i);
-                continue;
-            }
-            let dst = &mut buf[HEADER + data * ps..HEADER + (data + 1) * ps];
-            copy_out(m, page, dst);
-            if is_zero(dst) {
-                set_bit(&mut zero, i);
-            } else {
+            if fetch(m, &mut holes, first + i, &mut buf[HEADER + data * ps..HEADER + (data + 1) * ps])? {
                 data += 1;
+            } else {
+                set_bit(&mut zero, i);
             }
         }
         let frame = Frame { kind: KIND_CHUNK, a: first as u64, b: span as u32, c: data as u32, sent, zero };
         let n = seal(&mut buf, &frame, data * ps);
-        emit(&buf[..n], &format!("chunk {} (pages {first}..{})", local.chunks, first + span), &mut local, count(&sent), count(&zero), 1)?;
+        let what = format!("chunk {chunks} (pages {first}..{})", first + span);
+        if !ship(buf, n, count(&sent), count(&zero), 1, what) {
+            return Ok(());
+        }
+        (chunks, sent_pages, zero_pages) = (chunks + 1, sent_pages + count(&sent), zero_pages + count(&zero));
     }
-    let end = Frame {
-        kind: KIND_END,
-        a: local.chunks,
-        sent: [local.pages, local.zero_pages, 0, 0],
-        ..Frame::default()
-    };
+    let Ok(mut buf) = free.recv() else { return Ok(()) };
+    let end = Frame { kind: KIND_END, a: chunks, sent: [sent_pages, zero_pages, 0, 0], ..Frame::default() };
     let n = seal(&mut buf, &end, 0);
-    emit(&buf[..n], "the end frame", &mut local, 0, 0, 0)?;
-    Ok(local)
+    ship(buf, n, 0, 0, 0, "the end frame".into());
+    Ok(())
 }
 
 /// Receive a stream sent by [`send`] over the same number of `fds` into `m`,
