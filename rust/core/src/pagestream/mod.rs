@@ -104,13 +104,21 @@ pub struct Control<'a> {
 
 impl std::fmt::Debug for Control<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("progress", &self.progress).finish_non_exhaustive()
+        f.debug_struct("Control")
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
     }
 }
 
 impl Control<'_> {
     fn count(&self, local: &mut Stats, bytes: u64, pages: u64, zero_pages: u64, chunks: u64) {
-        local.add(&Stats { bytes, pages, zero_pages, chunks, seconds: 0.0 });
+        local.add(&Stats {
+            bytes,
+            pages,
+            zero_pages,
+            chunks,
+            seconds: 0.0,
+        });
         if let Some(p) = self.progress {
             p.bytes.fetch_add(bytes, Ordering::Relaxed);
             p.pages.fetch_add(pages, Ordering::Relaxed);
@@ -172,7 +180,11 @@ impl<'a> Selection<'a> {
 fn bits_at(words: &[u64], at: usize) -> u64 {
     let (w, s) = (at / 64, at % 64);
     let lo = words.get(w).copied().unwrap_or(0) >> s;
-    let hi = if s == 0 { 0 } else { words.get(w + 1).copied().unwrap_or(0) << (64 - s) };
+    let hi = if s == 0 {
+        0
+    } else {
+        words.get(w + 1).copied().unwrap_or(0) << (64 - s)
+    };
     lo | hi
 }
 
@@ -244,7 +256,10 @@ fn fetch(m: &Mapping, holes: &mut Holes<'_>, page: usize, dst: &mut [u8]) -> Res
 /// Copy verified bytes from a private buffer into pages `[page, page+n)`.
 fn copy_in(m: &Mapping, page: usize, src: &[u8]) {
     let ps = m.page_size();
-    assert!(src.len() % ps == 0 && page + src.len() / ps <= m.pages(), "pages out of range");
+    assert!(
+        src.len() % ps == 0 && page + src.len() / ps <= m.pages(),
+        "pages out of range"
+    );
     // SAFETY: the destination range lies inside the mapping (asserted above)
     // and the source is a private buffer, so the two cannot overlap.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), m.as_ptr().add(page * ps), src.len()) };
@@ -281,7 +296,11 @@ struct Holes<'a> {
 
 impl<'a> Holes<'a> {
     fn new(fd: Option<BorrowedFd<'a>>) -> Self {
-        Self { fd, asked: u64::MAX, data: (0, 0) }
+        Self {
+            fd,
+            asked: u64::MAX,
+            data: (0, 0),
+        }
     }
 
     /// True if the page at byte offset `off` is a hole (reads as zeros).
@@ -308,12 +327,20 @@ impl<'a> Holes<'a> {
 /// scoped threads; return their stats summed, or the first error.
 fn parallel(n: usize, work: impl Fn(usize) -> Result<Stats> + Sync) -> Result<Stats> {
     let results: Vec<Result<Stats>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..n).map(|i| s.spawn({
-            let work = &work;
-            move || work(i)
-        })).collect();
+        let handles: Vec<_> = (1..n)
+            .map(|i| {
+                s.spawn({
+                    let work = &work;
+                    move || work(i)
+                })
+            })
+            .collect();
         let mut out = vec![work(0)];
-        out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+        );
         out
     });
     let mut total = Stats::default();
