@@ -46,7 +46,8 @@ def page_hashes(r: _core.Region) -> list[bytes]:
     zero_hash = hashlib.blake2b(bytes(PAGE), digest_size=16).digest()
     for off in range(0, r.size, step):
         raw = os.pread(r.fileno(), min(step, r.size - off), off)
-        nonzero = np.frombuffer(raw, dtype=np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+        rows = np.frombuffer(raw, dtype=np.uint64).reshape(-1, PAGE // 8)
+        nonzero = np.any(rows, axis=1).astype(bool).tolist()
         view = memoryview(raw)
         out.extend(
             hashlib.blake2b(view[i * PAGE : (i + 1) * PAGE], digest_size=16).digest() if nz else zero_hash
