@@ -14,6 +14,7 @@ replay in ``tests/test_fuzz.py``; the corpus lives in ``fuzz/corpus/<target>/``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -53,7 +54,16 @@ class Target:
 
 
 def _open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """The fds open now (the one ``listdir`` used for the listing is closed again by then)."""
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
 
 
 def _memfd_with(data: bytes) -> int:
