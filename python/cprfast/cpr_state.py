@@ -431,7 +431,10 @@ def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: se
         raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
     if number in numbers:
         # QEMU lets two keys share one number; we give each key its own fd to own.
-        dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+        try:
+            dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError as e:  # EMFILE: a stream naming one fd more times than we may open fds
+            raise StreamError(f"cpr fd '{name}' id {id}: cannot duplicate fd {number}: {e.strerror}") from None
         owned.append(dup)
         numbers.add(dup)  # a later entry naming this number gets its own fd too
         return dup
