@@ -12,8 +12,11 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 
 pub mod dirty;
 pub mod error;
+pub mod guest_threads;
+pub mod kvm;
 pub mod layout;
 pub mod memfd;
+pub mod observe;
 pub mod probe;
 pub mod scm;
 pub mod wait;
