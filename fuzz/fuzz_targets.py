@@ -14,6 +14,7 @@ replay in ``tests/test_fuzz.py``; the corpus lives in ``fuzz/corpus/<target>/``.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -21,7 +22,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cprfast import _core, channels, cpr_state, stream
+from cprfast import _core, channels, cpr_state, qmp, stream
+from cprfast.migration import MigrationState
+from cprfast.status import RunState
 from cprfast.errors import (
     FdPassingError,
     MigrationError,
@@ -189,6 +192,42 @@ def _scm_bundle(data: bytes) -> None:
         rx.close()
 
 
+# ------------------------------------------------------------------------ QMP
+
+
+class _Vcpus:
+    """VmHooks of a VMM with nothing to stop."""
+
+    def vm_stop(self, state: RunState) -> None:
+        pass
+
+    def vm_start(self, state: RunState) -> None:
+        pass
+
+
+_QMP_LOOP = asyncio.new_event_loop()
+_QMP_UNSAFE = ("migrate", "migrate-incoming", "quit")
+"""Commands left out: they open channels named by the input (``exec:`` runs a shell) or
+stop the server; their arguments are channel addresses, fuzzed by the channels targets."""
+
+
+def _qmp(data: bytes) -> None:
+    """Raw bytes from a QMP client: split into JSON texts, each parsed and dispatched.
+
+    Every text must get a reply that can be sent (no exception at all escapes).
+    """
+    server = qmp.QMPServer(MigrationState(_Vcpus()), "/nonexistent/qmp.sock")
+    for name in _QMP_UNSAFE:
+        del server._commands[name]
+    session = qmp._Session(server, writer=None)  # type: ignore[arg-type]  # _handle never writes
+
+    async def run() -> None:
+        for text in qmp._JsonSplitter().feed(data):
+            json.dumps(await session._handle(text))
+
+    _QMP_LOOP.run_until_complete(run())
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -200,6 +239,7 @@ TARGETS: dict[str, Target] = {
         Target("channels_json", _channels_json, (MigrationError,)),
         # Truncated: more fds than declared in one message; PeerClosed: a short bundle.
         Target("scm_bundle", _scm_bundle, (StreamError, PeerClosedError, FdPassingError)),
+        Target("qmp", _qmp, ()),
     )
 }
 """Every fuzz target by name."""
