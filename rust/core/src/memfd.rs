@@ -38,7 +38,7 @@ pub const SHMEM_THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage/shmem_ena
 #[must_use]
 pub fn max_region_size() -> u64 {
     let info = rustix::system::sysinfo();
-    (u64::from(info.totalram) + u64::from(info.totalswap)).saturating_mul(u64::from(info.mem_unit.max(1)))
+    (info.totalram + info.totalswap).saturating_mul(u64::from(info.mem_unit.max(1)))
 }
 
 /// Refuse a region size the machine can never back (see [`max_region_size`]).
