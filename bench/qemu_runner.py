@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -127,22 +126,10 @@ class Qemu:
 
     def connect(self, timeout: float = 30.0) -> QEMUMonitorProtocol:
         """Connect QMP once QEMU listens (a cpr-transfer target only after its cpr state loaded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"QEMU exited with {self.proc.returncode}: {self.errors()}")
-            if os.path.exists(self.qmp_path):
-                qmp = QEMUMonitorProtocol(self.qmp_path)
-                try:
-                    qmp.connect()
-                except OSError:
-                    qmp.close()
-                else:
-                    self.qmp = qmp
-                    return qmp
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU QMP at {self.qmp_path} did not come up: {self.errors()}")
-            time.sleep(0.005)
+        wait_listening(self, self.qmp_path, timeout)
+        self.qmp = QEMUMonitorProtocol(self.qmp_path)
+        self.qmp.connect()
+        return self.qmp
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a QMP command; a QMP error is a RuntimeError with QEMU's text."""
@@ -251,13 +238,20 @@ def pick_accel(image: Path, workdir: Path) -> tuple[str, str]:
 
 @dataclass
 class Run:
-    """One migration: the pause the observer saw and QEMU's own figures."""
+    """One migration: the pause the observer saw and QEMU's own figures.
+
+    ``pause_ms`` is the longest heartbeat stall from just before ``migrate`` to
+    after the guest ran on the target: for a normal migration that may be a
+    stall during precopy (QEMU's dirty-bitmap syncs), not the switch-over.
+    """
 
     pause_ms: float
     wall_ms: float
     qemu_total_ms: float | None
     qemu_downtime_ms: float | None
     transferred_bytes: int | None
+    observer_max_sample_gap_ms: float
+    """The longest the observer itself went without a sample (descheduled): the noise floor of ``pause_ms``."""
 
 
 def _wait_status(vm: Qemu, done: set[str], timeout: float = 120.0) -> dict[str, Any]:
@@ -320,13 +314,14 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
             else:
                 dst = spawn([*machine_args(image, ram, accel), "-incoming", f"unix:{main_sock}"], workdir, "dst")
                 dst.connect()  # QEMU listens on the main channel before its monitor runs
-                dst_fd = os.open(find_ram_memfd(dst.proc.pid, ram), os.O_RDONLY)
+                dst_memfd = find_ram_memfd(dst.proc.pid, ram)
+                dst_fd = os.open(dst_memfd, os.O_RDONLY)
                 src_fd = os.open(src_memfd, os.O_RDONLY)
                 try:
                     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})  # no artificial 128 MiB/s cap
                     t0 = time.monotonic()
                     src.cmd("migrate", uri=f"unix:{main_sock}")
-                    _follow_to_target(src, src_fd, dst_fd, observer, find_ram_memfd(dst.proc.pid, ram))
+                    _follow_to_target(src, src_fd, dst_fd, observer, dst_memfd)
                 finally:
                     os.close(dst_fd)
                     os.close(src_fd)
@@ -353,6 +348,7 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
             qemu_total_ms=info.get("total-time"),
             qemu_downtime_ms=info.get("downtime"),
             transferred_bytes=ram_info.get("transferred"),
+            observer_max_sample_gap_ms=report.max_sample_gap_ns / 1e6,
         )
 
 
@@ -408,18 +404,16 @@ def run_scenario(mode: Mode, ram: int, hot_len: int, repeats: int, image: Path, 
     return Scenario(mode, ram, hot_len, runs, accel, note, qemu_version() or "?")
 
 
-def write_results(scenarios: Sequence[Scenario], directory: Path = RESULTS_DIR) -> Path:
-    """Write ``qemu-<date>.json`` (and ``qemu-latest.json``) in ``directory``; returns the dated path."""
+def write_result(scenario: Scenario, directory: Path = RESULTS_DIR) -> Path:
+    """Write ``qemu-<mode>-<size>.json`` in ``directory`` (replacing an older run); returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
     doc = {
         "produced": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": os.uname().nodename,
-        "scenarios": [asdict(s) for s in scenarios],
+        "machine": f"{os.uname().nodename} ({os.cpu_count()} CPUs, Linux {os.uname().release})",
+        **asdict(scenario),
     }
-    text = json.dumps(doc, indent=2) + "\n"
-    path = directory / f"qemu-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    path.write_text(text)
-    (directory / "qemu-latest.json").write_text(text)
+    path = directory / f"qemu-{scenario.mode}-{scenario.ram_bytes >> 20}M.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
 
