@@ -68,12 +68,14 @@ def test_qemu_migration(
     assert all(r.pause_ms > 0 for r in scenario.runs)
     benchmark.extra_info.update(
         pause_ms=scenario.pause_ms_median,
+        baseline_stall_ms=scenario.baseline_stall_ms_median,
         total_ms=scenario.wall_ms_median,
         qemu_downtime_ms=scenario.qemu_downtime_ms_median,
         accel=accel,
     )
     path = qr.write_result(scenario)
     print(
-        f"\n{path.name}: pause {scenario.pause_ms_median:.1f} ms, total {scenario.wall_ms_median:.1f} ms "
+        f"\n{path.name}: pause {scenario.pause_ms_median:.1f} ms (no migration: {scenario.baseline_stall_ms_median:.1f} ms), "
+        f"total {scenario.wall_ms_median:.1f} ms "
         f"(QEMU: downtime {scenario.qemu_downtime_ms_median} ms, total-time {scenario.qemu_total_ms_median} ms; {accel})"
     )
