@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= test,bench
 
-.PHONY: demo test build venv rust-test lint pytest bench bench-quick wheel clean fuzz
+.PHONY: demo test build venv rust-test lint pytest bench bench-quick bench-qemu wheel clean fuzz
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ test: build rust-test lint pytest
 
 bench: build
 	$(PY) -m pytest bench -q --benchmark-only
+
+# Install QEMU 10.x (Debian bookworm-backports) for the side-by-side QEMU benchmark and
+# the conformance test against a real QEMU cpr stream. Idempotent; needs root.
+BACKPORTS_SOURCES := /etc/apt/sources.list.d/cprfast-bookworm-backports.sources
+bench-qemu:
+	@if qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then \
+		qemu-system-x86_64 --version | head -1; \
+	else \
+		printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+			'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > $(BACKPORTS_SOURCES) && \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm-backports qemu-system-x86 && \
+		qemu-system-x86_64 --version | head -1; \
+	fi
 
 wheel: venv
 	$(VENV)/bin/maturin build --release -o dist
