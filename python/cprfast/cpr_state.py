@@ -1,0 +1,736 @@
+"""CPR state: the registry of named fds a VMM preserves across a live update, in QEMU's format.
+
+A device that must survive an update (a guest-RAM memfd, a vhost or VFIO fd, a
+tap) saves its fd here under a ``(name, id)`` key. A CPR migration then hands
+the whole registry to the next process before that process creates any device,
+and each new device finds its fd by the same key instead of opening a new one.
+
+The stream is QEMU's own ``CprState`` (``migration/cpr.c``), byte for byte, so a
+cprfast VMM and QEMU 10 can read each other's cpr channel:
+
+- ``be32 0x51435052`` ("QCPR"), ``be32 1``;
+- per fd, in list order: ``0x01``, ``be32 namelen`` (strlen + 1), the name with
+  its NUL, ``be32 id``, then the fd field; ``0x00`` ends the list;
+- the subsection ``0x05``, a length byte, ``"CprState/vfio devices"``, ``be32 1``,
+  then the VFIO devices as a list of the same shape (name, ``be32 devid``,
+  ``be32 ioas_id``, ``be32 hwpt_id``); no end-of-file marker.
+
+The fd field is a service byte ``0x20`` whose fd rides along in SCM_RIGHTS
+(cpr-transfer, over a UNIX socket), or a ``be32`` fd number (cpr-exec, where the
+fds survive ``exec`` under the same numbers).
+
+Where we do better than QEMU (each said again where it happens): a duplicate key
+or a different fd for a saved key is a :class:`CprError`, not a silent second
+entry or an abort; a corrupt stream is a :class:`StreamError` naming the problem
+with every fd received so far closed; fds are sent in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cprfast.channels import FdAddress, MigrationAddress, UnixAddress, connect, listen
+from cprfast.errors import CprError, FdPassingError, MigrationError, StreamError
+
+__all__ = [
+    "EXEC_STATE_ENV",
+    "MAGIC",
+    "QEMU_READER_MAX_FDS",
+    "SCM_MAX_FD",
+    "VERSION",
+    "VFIO_SUBSECTION",
+    "CprState",
+    "IncomingCpr",
+    "IncomingMode",
+    "SocketStreamReader",
+    "StreamReader",
+    "VfioDevice",
+    "decode",
+    "encode",
+    "incoming_mode",
+    "load_incoming",
+    "persist_exec_state",
+    "receive_state",
+    "reset_incoming_mode",
+    "send_state",
+    "transfer_outgoing",
+    "unpersist_exec_state",
+    "wait_hup",
+    "write_exec_state",
+]
+
+log = logging.getLogger(__name__)
+
+MAGIC = 0x51435052
+"""``QEMU_CPR_FILE_MAGIC``, "QCPR"."""
+VERSION = 1
+"""``QEMU_CPR_FILE_VERSION``."""
+VFIO_SUBSECTION = "CprState/vfio devices"
+"""The name of the VFIO subsection QEMU always writes after the fd list."""
+VFIO_SUBSECTION_VERSION = 1
+EXEC_STATE_ENV = "QEMU_CPR_EXEC_STATE"
+"""The environment variable (and memfd name) that carries cpr-exec state across ``exec``."""
+SCM_MAX_FD = 253
+"""The kernel's limit of fds in one SCM_RIGHTS message."""
+QEMU_READER_MAX_FDS = 16
+"""QEMU's socket reader has room for 16 fds per ``recvmsg`` (``SOCKET_MAX_FDS`` in
+io/channel-socket.c); a bigger batch would be truncated there, so it is our default."""
+MAX_NAME_LEN = 4096
+"""Longest name (with its NUL) we accept from a stream; QEMU has no limit."""
+MAX_ENTRIES = 1 << 16
+"""Most fd or VFIO entries we accept from a stream."""
+
+_SUBSECTION = 0x05
+_SERVICE_BYTE = 0x20
+_RECV_BUFSIZE = 1 << 16
+
+IncomingMode = Literal["cpr-exec", "cpr-transfer"]
+
+
+def _name_bytes(name: str, what: str) -> bytes:
+    """A key name as it goes on the wire (UTF-8, NUL-terminated), checked."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
+    raw = name.encode("utf-8", "surrogateescape") + b"\0"
+    if b"\0" in raw[:-1]:
+        raise ValueError(f"{what} name {name!r} contains a NUL character")
+    if len(raw) > MAX_NAME_LEN:
+        raise ValueError(f"{what} name is {len(raw)} bytes with its NUL; the limit is {MAX_NAME_LEN}")
+    return raw
+
+
+def _check_s32(value: int, what: str) -> None:
+    if not -(1 << 31) <= value < (1 << 31):
+        raise ValueError(f"{what} {value} does not fit in 32 signed bits")
+
+
+def _check_u32(value: int, what: str) -> None:
+    if not 0 <= value < (1 << 32):
+        raise ValueError(f"{what} {value} does not fit in 32 unsigned bits")
+
+
+@dataclass(frozen=True)
+class VfioDevice:
+    """One entry of QEMU's VFIO subsection: an iommufd-backed device to reattach."""
+
+    name: str
+    devid: int
+    ioas_id: int
+    hwpt_id: int
+
+    def __post_init__(self) -> None:
+        _name_bytes(self.name, "vfio device")
+        _check_s32(self.devid, "vfio devid")
+        _check_u32(self.ioas_id, "vfio ioas_id")
+        _check_u32(self.hwpt_id, "vfio hwpt_id")
+
+
+def _same_file(a: int, b: int) -> bool:
+    """Whether two fds refer to the same kernel object (same device and inode)."""
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class CprState:
+    """The registry of preserved fds, keyed by ``(name, id)``; it owns the fds it holds.
+
+    ``save_fd`` stores a CLOEXEC duplicate, so the caller keeps its own fd;
+    ``delete_fd``/``delete_all``/``close`` close the registry's copies. The list
+    order is QEMU's: the newest entry first (QEMU inserts at the head), which is
+    the order the stream is written in.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str, int], int] = {}  # oldest first; the wire order is the reverse
+        self.vfio_devices: list[VfioDevice] = []
+        """VFIO devices, written in list order (index 0 first, like QEMU's list head)."""
+
+    def save_fd(self, name: str, id: int, fd: int) -> int:
+        """Save a duplicate of ``fd`` under ``(name, id)``; returns the registry's copy.
+
+        QEMU appends a second entry for a key already saved; we refuse it.
+        """
+        _name_bytes(name, "cpr fd")
+        _check_s32(id, "cpr fd id")
+        if (name, id) in self._fds:
+            raise CprError(f"cpr fd '{name}' id {id} is already saved")
+        copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        self._fds[(name, id)] = copy
+        return copy
+
+    def find_fd(self, name: str, id: int) -> int | None:
+        """The registry's fd for ``(name, id)``, or None (QEMU returns -1)."""
+        return self._fds.get((name, id))
+
+    def delete_fd(self, name: str, id: int) -> None:
+        """Forget ``(name, id)`` and close the registry's fd; absent keys are ignored."""
+        fd = self._fds.pop((name, id), None)
+        if fd is not None:
+            os.close(fd)
+
+    def resave_fd(self, name: str, id: int, fd: int) -> None:
+        """Save ``fd`` unless the key already holds the same kernel object.
+
+        A different object under the key is a :class:`CprError` naming it (QEMU
+        aborts the process).
+        """
+        held = self._fds.get((name, id))
+        if held is None:
+            self.save_fd(name, id, fd)
+        elif held != fd and not _same_file(held, fd):
+            raise CprError(f"cpr fd '{name}' id {id} value {fd} already saved with a different value {held}")
+
+    def walk_fd(self, cb: Callable[[str, int, int], bool]) -> bool:
+        """Call ``cb(name, id, fd)`` in list order; stop and return False at the first False."""
+        return all(cb(name, id, fd) for name, id, fd in self.entries())
+
+    def delete_all(self, name: str) -> None:
+        """Delete every id saved under ``name`` (QEMU's pending ``cpr_delete_fd_all``)."""
+        for key in [k for k in self._fds if k[0] == name]:
+            os.close(self._fds.pop(key))
+
+    def entries(self) -> list[tuple[str, int, int]]:
+        """``(name, id, fd)`` in QEMU's list order: newest first."""
+        return [(name, id, fd) for (name, id), fd in reversed(self._fds.items())]
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._fds
+
+    def preserve(self) -> None:
+        """Clear close-on-exec on every fd, just before cpr-exec runs ``exec``."""
+        for fd in self._fds.values():
+            os.set_inheritable(fd, True)
+
+    def unpreserve(self) -> None:
+        """Set close-on-exec again (the exec failed, or the state was loaded)."""
+        for fd in self._fds.values():
+            os.set_inheritable(fd, False)
+
+    def close(self) -> None:
+        """Close every fd and forget all entries, VFIO devices included."""
+        fds, self._fds = list(self._fds.values()), {}
+        self.vfio_devices.clear()
+        for fd in fds:
+            os.close(fd)
+
+    def _adopt(self, entries: Sequence[tuple[str, int, int]]) -> None:
+        """Take ownership of decoded entries given in wire order."""
+        for name, id, fd in reversed(entries):
+            self._fds[(name, id)] = fd
+
+    def __enter__(self) -> CprState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<CprState {len(self._fds)} fds, {len(self.vfio_devices)} vfio devices>"
+
+
+# ------------------------------------------------------------------------ encode
+
+
+def _encode(state: CprState, *, inline_fds: bool) -> tuple[bytes, list[int], list[int]]:
+    """The stream, the fds it refers to, and the offset of each fd's service byte."""
+    out = bytearray(struct.pack(">II", MAGIC, VERSION))
+    fds: list[int] = []
+    marks: list[int] = []
+    for name, id, fd in state.entries():
+        raw = _name_bytes(name, "cpr fd")
+        out += b"\x01" + struct.pack(">I", len(raw)) + raw + struct.pack(">i", id)
+        fds.append(fd)
+        if inline_fds:
+            marks.append(len(out))
+            out.append(_SERVICE_BYTE)
+        else:
+            out += struct.pack(">i", fd)
+    out.append(0)
+    sub = VFIO_SUBSECTION.encode()
+    out += bytes([_SUBSECTION, len(sub)]) + sub + struct.pack(">I", VFIO_SUBSECTION_VERSION)
+    for dev in state.vfio_devices:
+        raw = _name_bytes(dev.name, "vfio device")
+        out += b"\x01" + struct.pack(">I", len(raw)) + raw + struct.pack(">iII", dev.devid, dev.ioas_id, dev.hwpt_id)
+    out.append(0)
+    return bytes(out), fds, marks
+
+
+def encode(state: CprState, *, inline_fds: bool) -> tuple[bytes, list[int]]:
+    """Serialize ``state``; returns the bytes and the fds they refer to, in stream order.
+
+    ``inline_fds=True`` (cpr-transfer): each fd is a service byte, and the fds must
+    travel with the bytes over SCM_RIGHTS. ``False`` (cpr-exec): each fd is its
+    number, and the fds must survive ``exec``. The fds stay owned by ``state``.
+    """
+    data, fds, _ = _encode(state, inline_fds=inline_fds)
+    return data, fds
+
+
+# ------------------------------------------------------------------------ decode
+
+
+class StreamReader:
+    """A cpr stream being read: bytes, plus the FIFO of fds that arrived with them.
+
+    The reader owns the fds in its FIFO. This base class reads from memory (a
+    byte string, or a memfd's contents); :class:`SocketStreamReader` fills itself
+    from a socket as the parser needs more.
+    """
+
+    name = "cpr-in"
+
+    def __init__(self, data: bytes = b"", fds: Iterable[int] = (), *, inline_fds: bool) -> None:
+        self._buf = bytearray(data)
+        self._pos = 0
+        self._dropped = 0  # bytes consumed and dropped from the buffer
+        self._fds: deque[int] = deque(fds)
+        self.inline_fds = inline_fds
+        """True when fd fields are service bytes (cpr-transfer), False for numbers (cpr-exec)."""
+
+    def _more(self) -> bool:
+        """Append more input to the buffer; False at end of input."""
+        return False
+
+    def _have(self, n: int) -> bool:
+        while len(self._buf) - self._pos < n:
+            if not self._more():
+                return False
+        return True
+
+    def read(self, n: int, what: str) -> bytes:
+        """Exactly ``n`` bytes of ``what``, or a StreamError saying the stream is truncated."""
+        if not self._have(n):
+            left = len(self._buf) - self._pos
+            raise StreamError(
+                f"truncated cpr stream: {what} needs {n} bytes at offset {self._dropped + self._pos}, only {left} left"
+            )
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        return out
+
+    def peek(self) -> int | None:
+        """The next byte without consuming it, or None at end of input."""
+        return self._buf[self._pos] if self._have(1) else None
+
+    def pop_fd(self) -> int | None:
+        """The oldest fd received and not yet claimed (the caller owns it now)."""
+        return self._fds.popleft() if self._fds else None
+
+    def take_unclaimed(self) -> list[int]:
+        """Every fd still in the FIFO (the caller owns them now)."""
+        fds = list(self._fds)
+        self._fds.clear()
+        return fds
+
+
+def _wait(sock: socket.socket, events: int, deadline: float | None) -> bool:
+    """Poll ``sock`` until ``events`` or the deadline; True when ready."""
+    poller = select.poll()
+    poller.register(sock, events)
+    timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+    return bool(poller.poll(timeout_ms))
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+# One sendmsg / one recvmsg with fds. At merge these become cprfast._core.sendmsg_fds /
+# recvmsg_fds (same shape: one syscall, at most 253 fds, MSG_CMSG_CLOEXEC on receive).
+def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> int:
+    if not _wait(sock, select.POLLOUT, deadline):
+        raise TimeoutError(f"timed out sending cpr state on fd {sock.fileno()}")
+    return socket.send_fds(sock, [data], list(fds))
+
+
+def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, deadline: float | None) -> tuple[bytes, list[int]]:
+    if not _wait(sock, select.POLLIN, deadline):
+        raise TimeoutError(f"timed out receiving cpr state on fd {sock.fileno()}")
+    # not socket.recv_fds: Python 3.11's drops its flags argument (no MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds = [
+        fd
+        for level, kind, payload in ancdata
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+        for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
+    ]
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise FdPassingError(f"more than {max_fds} fds in one message: the kernel dropped some")
+    return data, fds
+
+
+class SocketStreamReader(StreamReader):
+    """A cpr stream arriving on a UNIX socket; fds are queued as they arrive.
+
+    Reads only as far as the parser needs, so it never waits for more than the
+    sender sent; ``timeout`` bounds the whole read.
+    """
+
+    def __init__(self, sock: socket.socket, *, timeout: float | None = None) -> None:
+        super().__init__(inline_fds=True)
+        self._sock = sock
+        self._deadline = _deadline(timeout)
+
+    def _more(self) -> bool:
+        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, self._deadline)
+        self._fds.extend(fds)
+        if self._pos:  # drop what the parser consumed
+            del self._buf[: self._pos]
+            self._dropped += self._pos
+            self._pos = 0
+        self._buf += data
+        return bool(data)
+
+
+def _u32(r: StreamReader, what: str) -> int:
+    value: int = struct.unpack(">I", r.read(4, what))[0]
+    return value
+
+
+def _s32(r: StreamReader, what: str) -> int:
+    value: int = struct.unpack(">i", r.read(4, what))[0]
+    return value
+
+
+def _next_entry(r: StreamReader, what: str, count: int) -> bool:
+    """Read a QLIST marker: True for another element, False at the end."""
+    marker = r.read(1, f"{what} marker")[0]
+    if marker == 0:
+        return False
+    if marker != 1:
+        raise StreamError(f"bad {what} marker {marker:#04x} (expected 0x00 or 0x01)")
+    if count >= MAX_ENTRIES:
+        raise StreamError(f"{what} has more than {MAX_ENTRIES} entries")
+    return True
+
+
+def _name(r: StreamReader, what: str) -> str:
+    n = _u32(r, f"{what} name length")
+    if not 1 <= n <= MAX_NAME_LEN:
+        raise StreamError(f"{what} name length {n} is out of range (1..{MAX_NAME_LEN})")
+    raw = r.read(n, f"{what} name")
+    if raw[-1] != 0:
+        raise StreamError(f"{what} name is not NUL-terminated")
+    if 0 in raw[:-1]:
+        raise StreamError(f"{what} name has a NUL byte inside")
+    return raw[:-1].decode("utf-8", "surrogateescape")
+
+
+def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: set[int]) -> int:
+    """Read one fd field; fds we must close on failure are appended to ``owned``."""
+    if r.inline_fds:
+        byte = r.read(1, "service byte")[0]
+        if byte != _SERVICE_BYTE:
+            shown = chr(byte) if 0x20 < byte < 0x7F else "?"
+            raise StreamError(f"{r.name} unexpected service byte: {byte}({shown})")
+        fd = r.pop_fd()
+        if fd is None:
+            raise StreamError(f"{r.name} no FD come with service byte")
+        owned.append(fd)
+        return fd
+    number = _s32(r, "fd number")
+    try:
+        fcntl.fcntl(number, fcntl.F_GETFD)
+    except (OSError, ValueError, OverflowError):
+        raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
+    if number in numbers:
+        # QEMU lets two keys share one number; we give each key its own fd to own.
+        dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+        owned.append(dup)
+        return dup
+    numbers.add(number)
+    return number
+
+
+def _vfio_subsection(r: StreamReader, devices: list[VfioDevice]) -> None:
+    """Read one subsection (its 0x05 already consumed)."""
+    idstr = r.read(r.read(1, "subsection name length")[0], "subsection name").decode("utf-8", "replace")
+    if idstr != VFIO_SUBSECTION:
+        raise StreamError(f"VM subsection '{idstr}' in 'CprState' does not exist")
+    version = _s32(r, "subsection version")
+    if version > VFIO_SUBSECTION_VERSION:
+        raise StreamError(
+            f"{VFIO_SUBSECTION}: incoming version_id {version} is too new for local version_id {VFIO_SUBSECTION_VERSION}"
+        )
+    if version < VFIO_SUBSECTION_VERSION:
+        raise StreamError(
+            f"{VFIO_SUBSECTION}: incoming version_id {version} is too old "
+            f"for local minimum_version_id {VFIO_SUBSECTION_VERSION}"
+        )
+    if r.peek() is None:
+        return  # a QEMU built without iommufd writes the subsection with no fields
+    while _next_entry(r, "cpr vfio device list", len(devices)):
+        name = _name(r, "cpr vfio device")
+        devid = _s32(r, "vfio devid")
+        ioas_id = _u32(r, "vfio ioas_id")
+        hwpt_id = _u32(r, "vfio hwpt_id")
+        devices.append(VfioDevice(name, devid, ioas_id, hwpt_id))
+
+
+def decode(reader: StreamReader) -> CprState:
+    """Parse a cpr stream into a new :class:`CprState` that owns its fds.
+
+    Any error raises :class:`StreamError` (socket readers may also raise OSError
+    or TimeoutError) after closing every fd received so far. In number mode the
+    fds named by the stream are adopted, not duplicated (they were inherited
+    under those numbers); a number that appears twice is duplicated so each key
+    owns its own fd. Received fds nobody claimed are closed with a warning.
+    """
+    owned: list[int] = []
+    entries: list[tuple[str, int, int]] = []
+    devices: list[VfioDevice] = []
+    try:
+        magic = _u32(reader, "magic")
+        if magic != MAGIC:
+            raise StreamError(f"Not a migration stream (bad magic {magic:x})")
+        version = _s32(reader, "version")
+        if version != VERSION:
+            raise StreamError(f"Unsupported migration stream version {version}")
+        keys: set[tuple[str, int]] = set()
+        numbers: set[int] = set()
+        while _next_entry(reader, "cpr fd list", len(entries)):
+            name = _name(reader, "cpr fd")
+            id = _s32(reader, "cpr fd id")
+            if (name, id) in keys:
+                raise StreamError(f"cpr fd '{name}' id {id} appears twice in the stream")
+            keys.add((name, id))
+            entries.append((name, id, _fd_field(reader, name, id, owned, numbers)))
+        while reader.peek() == _SUBSECTION:
+            reader.read(1, "subsection marker")
+            _vfio_subsection(reader, devices)
+    except BaseException:
+        for fd in owned + reader.take_unclaimed():
+            os.close(fd)
+        raise
+    for fd in reader.take_unclaimed():
+        log.warning("received fd %d was never claimed", fd)
+        os.close(fd)
+    state = CprState()
+    state._adopt(entries)
+    state.vfio_devices = devices
+    return state
+
+
+# ---------------------------------------------------------------- cpr-transfer
+
+
+def send_state(
+    state: CprState, sock: socket.socket, *, fds_per_message: int = QEMU_READER_MAX_FDS, timeout: float | None = None
+) -> None:
+    """Send ``state`` in-band on a connected UNIX socket, then shut down our write side.
+
+    QEMU sends one fd per ``sendmsg``; we send ``fds_per_message`` at a time (each
+    message ends at the service byte of its last fd, so any reader that queues
+    fds - QEMU's included - finds every fd by the time it reads its byte). The
+    default, 16, is what QEMU's reader can take per ``recvmsg``; a cprfast reader
+    takes up to 253. The socket stays open: :func:`wait_hup` sees the target close it.
+    """
+    if not 1 <= fds_per_message <= SCM_MAX_FD:
+        raise ValueError(f"fds_per_message must be in 1..{SCM_MAX_FD}, not {fds_per_message}")
+    deadline = _deadline(timeout)
+    data, fds, marks = _encode(state, inline_fds=True)
+    start = 0
+    for i in range(0, len(fds), fds_per_message):
+        batch = fds[i : i + fds_per_message]
+        end = marks[i + len(batch) - 1] + 1
+        _send_all(sock, data[start:end], batch, deadline)
+        start = end
+    _send_all(sock, data[start:], (), deadline)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _send_all(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> None:
+    """Send ``data`` with ``fds`` attached to its first byte."""
+    sent = _sendmsg_fds(sock, data, fds, deadline)
+    while sent < len(data):
+        sent += _sendmsg_fds(sock, data[sent:], (), deadline)
+
+
+def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
+    """After :func:`send_state`, wait for the target to close the cpr socket (QEMU's HUP watch).
+
+    True when it did; False on timeout. Bytes the target sends are discarded. A
+    HUP cannot tell "target listening" from "target died": the caller learns
+    which when it connects the main channel.
+    """
+    deadline = _deadline(timeout)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while True:
+        timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+        events = poller.poll(timeout_ms)
+        if not events:
+            return False
+        revents = events[0][1]
+        if revents & (select.POLLHUP | select.POLLERR):
+            return True
+        if not sock.recv(4096, socket.MSG_DONTWAIT):
+            poller.modify(sock, 0)  # peer shut its write side: from now on only HUP matters
+
+
+def receive_state(sock: socket.socket, *, timeout: float | None = None) -> CprState:
+    """Read a cpr-transfer stream (fds in-band) from a connected UNIX socket."""
+    return decode(SocketStreamReader(sock, timeout=timeout))
+
+
+def transfer_outgoing(
+    state: CprState,
+    cpr_channel: MigrationAddress,
+    *,
+    fds_per_message: int = QEMU_READER_MAX_FDS,
+    timeout: float | None = None,
+) -> socket.socket:
+    """The source half of cpr-transfer: connect the cpr channel and send the state.
+
+    Returns the socket, write side shut; pass it to :func:`wait_hup`, then close it.
+    """
+    if not isinstance(cpr_channel, UnixAddress):
+        raise MigrationError("bad cpr channel address; must be unix")
+    sock = connect(cpr_channel, timeout=timeout)
+    try:
+        send_state(state, sock, fds_per_message=fds_per_message, timeout=timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -------------------------------------------------------------------- cpr-exec
+
+
+def write_exec_state(state: CprState) -> int:
+    """Write ``state`` (fd numbers, not fds) to a new CLOEXEC memfd named QEMU_CPR_EXEC_STATE."""
+    data, _ = encode(state, inline_fds=False)
+    fd = os.memfd_create(EXEC_STATE_ENV, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def persist_exec_state(fd: int, env: MutableMapping[str, str]) -> None:
+    """Let the state memfd survive ``exec`` and name it in ``env`` (``os.environ`` for a real exec)."""
+    os.set_inheritable(fd, True)
+    env[EXEC_STATE_ENV] = str(fd)
+
+
+def unpersist_exec_state(fd: int, env: MutableMapping[str, str]) -> None:
+    """Undo :func:`persist_exec_state` after a failed exec.
+
+    QEMU asserts the variable is set; we tolerate its absence, so a failure before
+    the state was persisted cannot abort the VMM.
+    """
+    env.pop(EXEC_STATE_ENV, None)
+    os.set_inheritable(fd, False)
+
+
+def _read_exec_state(fd: int) -> bytes:
+    """The whole state memfd, read from offset 0."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------ early load
+
+
+@dataclass
+class IncomingCpr:
+    """What :func:`load_incoming` found: the mode, the state, and for cpr-transfer the channel.
+
+    Close ``channel_sock`` once the main channel is listening: that close is the
+    HUP the source waits for before it connects.
+    """
+
+    mode: IncomingMode
+    state: CprState
+    channel_sock: socket.socket | None = field(default=None)
+
+
+_incoming_mode: IncomingMode | None = None
+
+
+def incoming_mode() -> IncomingMode | None:
+    """The mode :func:`load_incoming` loaded state for, or None (QEMU's ``cpr_get_incoming_mode``)."""
+    return _incoming_mode
+
+
+def reset_incoming_mode() -> None:
+    """Forget the incoming mode once the incoming migration is over (QEMU does it on destroy)."""
+    global _incoming_mode
+    _incoming_mode = None
+
+
+def load_incoming(
+    *,
+    cpr_channel: MigrationAddress | None,
+    environ: MutableMapping[str, str] = os.environ,
+    timeout: float | None = None,
+) -> IncomingCpr | None:
+    """Load incoming CPR state at start-up, before any device exists; None if there is none.
+
+    cpr-exec state (the ``QEMU_CPR_EXEC_STATE`` variable) wins over a cpr channel,
+    as in QEMU: the variable is read and unset, the memfd read from offset 0 and
+    closed, and close-on-exec is set again on every loaded fd. Otherwise, with a
+    cpr channel (a UNIX path, or an inherited listening fd), one client is
+    accepted and the state received; its socket is kept open in the result.
+    """
+    global _incoming_mode
+    value = environ.get(EXEC_STATE_ENV)
+    if value is not None:
+        if cpr_channel is not None:
+            log.info("ignoring cpr channel for migration mode cpr-exec")
+        del environ[EXEC_STATE_ENV]
+        if not value.isascii() or not value.isdigit():
+            raise StreamError(f"{EXEC_STATE_ENV}={value!r} is not an fd number")
+        fd = int(value)
+        try:
+            data = _read_exec_state(fd)
+        except OSError as e:
+            raise StreamError(f"cannot read cpr-exec state from fd {fd}: {e.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        state = decode(StreamReader(data, inline_fds=False))
+        state.unpreserve()
+        _incoming_mode = "cpr-exec"
+        log.info("loaded cpr-exec state: %d fds", len(state))
+        return IncomingCpr("cpr-exec", state)
+    if cpr_channel is None:
+        return None
+    if not isinstance(cpr_channel, UnixAddress | FdAddress):
+        raise MigrationError("bad cpr channel socket type; must be unix")
+    deadline = _deadline(timeout)
+    with listen(cpr_channel) as listener:
+        sock = listener.accept(timeout)
+    try:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        state = receive_state(sock, timeout=remaining)
+    except BaseException:
+        sock.close()
+        raise
+    _incoming_mode = "cpr-transfer"
+    log.info("loaded cpr-transfer state: %d fds", len(state))
+    return IncomingCpr("cpr-transfer", state, sock)
