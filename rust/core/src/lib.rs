@@ -11,7 +11,9 @@
 compile_error!("cprfast-core supports 64-bit Linux only");
 
 pub mod error;
+pub mod guest_threads;
 pub mod layout;
 pub mod memfd;
+pub mod observe;
 
 pub use error::{Errno, Error, Result};
