@@ -13,6 +13,7 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 pub mod error;
 pub mod guest_threads;
 pub mod layout;
+pub mod kvm;
 pub mod memfd;
 pub mod observe;
 

@@ -3,6 +3,7 @@
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
 mod errors;
+mod kvm;
 mod memfd;
 
 /// The extension module.
@@ -12,6 +13,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::memfd::PyRegion;
+
+    #[pymodule_export]
+    use crate::kvm::{PyKvmVm, probe_kvm};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
