@@ -370,6 +370,8 @@ fn run(shared: &Shared, mapping: &Mapping, hot_start: usize, pages: usize) {
             resume = true;
             continue;
         }
+        // Pages carry the heartbeat value of the beat that wrote them.
+        hb = hb.wrapping_add(1);
         for _ in 0..PAGES_PER_BEAT {
             // SAFETY: pos < pages, so the 8 bytes at hot_start + pos*ps lie inside
             // the hot set, which ThreadsGuest::new bounds-checked; page-aligned.
@@ -382,7 +384,6 @@ fn run(shared: &Shared, mapping: &Mapping, hot_start: usize, pages: usize) {
                 unsafe { std::ptr::write_volatile(passes_ptr, passes.to_le()) };
             }
         }
-        hb = hb.wrapping_add(1);
         // SAFETY: in bounds and aligned (above).
         unsafe { std::ptr::write_volatile(hb_ptr, hb.to_le()) };
     }

@@ -3,8 +3,10 @@
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
 mod errors;
+mod guest_threads;
 mod kvm;
 mod memfd;
+mod observe;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -12,7 +14,11 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
+    use crate::guest_threads::PyThreadsGuest;
+    #[pymodule_export]
     use crate::memfd::PyRegion;
+    #[pymodule_export]
+    use crate::observe::{PyObserver, PyObserverReport};
 
     #[pymodule_export]
     use crate::kvm::{PyKvmVm, probe_kvm};
