@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cprfast import _core
 from cprfast.errors import MigrationError
 
 __all__ = [
@@ -471,15 +472,18 @@ def connect(
 class Listener:
     """A listening socket channel; :meth:`accept` returns one connected client.
 
-    An ``fd:`` address that is already connected (not listening) is itself the
-    incoming stream, returned by the first :meth:`accept` (QEMU's ``-incoming fd:N``).
+    UNIX channels listen through :class:`cprfast._core.UnixListener`: the socket
+    file is mode 0600 and peers of another uid are refused (SO_PEERCRED), since
+    the channel hands out guest memory. An ``fd:`` address that is already
+    connected (not listening) is itself the incoming stream, returned by the
+    first :meth:`accept` (QEMU's ``-incoming fd:N``).
     """
 
-    def __init__(self, sock: socket.socket, addr: MigrationAddress, *, unlink_path: str | None = None) -> None:
-        self._sock: socket.socket | None = sock
-        self._unlink = unlink_path
-        self._inode = os.stat(unlink_path).st_ino if unlink_path else None
-        self._listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    def __init__(self, sock: socket.socket | _core.UnixListener, addr: MigrationAddress) -> None:
+        self._sock: socket.socket | _core.UnixListener | None = sock
+        self._listening = isinstance(sock, _core.UnixListener) or bool(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
         self.address = addr
         """The bound address; for ``tcp:HOST:0`` it carries the port the kernel chose."""
 
@@ -491,19 +495,22 @@ class Listener:
 
     def accept(self, timeout: float | None = None) -> socket.socket:
         """Wait up to ``timeout`` seconds for one client; returns a blocking socket."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             raise ValueError("listener is closed")
-        if not self._listening:
-            sock, self._sock = self._sock, None
+        if not self._listening and isinstance(sock, socket.socket):
+            self._sock = None
             return sock
-        self._sock.settimeout(timeout)
         try:
-            conn, _ = self._sock.accept()
+            if isinstance(sock, _core.UnixListener):
+                return socket.socket(fileno=sock.accept(timeout))
+            sock.settimeout(timeout)
+            try:
+                conn, _ = sock.accept()
+            finally:
+                sock.settimeout(None)
         except TimeoutError:
             raise TimeoutError(f"no client connected to {self.address.uri} within {timeout} s") from None
-        finally:
-            if self._sock is not None:
-                self._sock.settimeout(None)
         conn.settimeout(None)
         return conn
 
@@ -512,11 +519,6 @@ class Listener:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._unlink is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self._unlink).st_ino == self._inode:
-                    os.unlink(self._unlink)
-            self._unlink = None
 
     def __enter__(self) -> Listener:
         return self
@@ -525,34 +527,15 @@ class Listener:
         self.close()
 
 
-def _bind_unix_listener(path: str) -> socket.socket:
-    """Listen on a UNIX path, socket file mode 0600 from the start (no umask race).
-
-    The lead swaps this for ``cprfast._core.UnixListener`` (peer-uid checks) at merge.
-    A stale *socket* file at ``path`` is replaced (QEMU unlinks whatever is there; we
-    refuse to remove anything that is not a socket).
-    """
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise MigrationError(f"cannot listen on {path}: it exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Linux creates the socket file with the socket inode's mode (minus umask):
-        # restrict it before bind so the file is never reachable by others.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def listen(addr: MigrationAddress, *, named_fds: Mapping[str, int] | None = None) -> Listener:
     """Open the incoming side of a socket channel (unix, tcp, or an inherited fd)."""
     if isinstance(addr, UnixAddress):
-        return Listener(_bind_unix_listener(addr.path), addr, unlink_path=addr.path)
+        # QEMU unlinks whatever is at the path; we replace only a stale socket.
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(addr.path).st_mode):
+                raise MigrationError(f"cannot listen on {addr.path}: it exists and is not a socket")
+            os.unlink(addr.path)
+        return Listener(_core.UnixListener(addr.path), addr)
     if isinstance(addr, TcpAddress):
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.create_server((addr.host, addr.port), family=family)

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cprfast import _core
 from cprfast.channels import FdAddress, MigrationAddress, UnixAddress, connect, listen
-from cprfast.errors import CprError, FdPassingError, MigrationError, StreamError
+from cprfast.errors import CprError, MigrationError, StreamError
 
 __all__ = [
     "EXEC_STATE_ENV",
@@ -148,7 +149,8 @@ class CprState:
     ``save_fd`` stores a CLOEXEC duplicate, so the caller keeps its own fd;
     ``delete_fd``/``delete_all``/``close`` close the registry's copies. The list
     order is QEMU's: the newest entry first (QEMU inserts at the head), which is
-    the order the stream is written in.
+    the order the stream is written in. Not thread-safe (QEMU's runs under the
+    BQL): use it from one thread, or lock around it.
     """
 
     def __init__(self) -> None:
@@ -337,42 +339,20 @@ class StreamReader:
         return fds
 
 
-def _wait(sock: socket.socket, events: int, deadline: float | None) -> bool:
-    """Poll ``sock`` until ``events`` or the deadline; True when ready."""
-    poller = select.poll()
-    poller.register(sock, events)
-    timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-    return bool(poller.poll(timeout_ms))
-
-
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
-# One sendmsg / one recvmsg with fds. At merge these become cprfast._core.sendmsg_fds /
-# recvmsg_fds (same shape: one syscall, at most 253 fds, MSG_CMSG_CLOEXEC on receive).
-def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> int:
-    if not _wait(sock, select.POLLOUT, deadline):
-        raise TimeoutError(f"timed out sending cpr state on fd {sock.fileno()}")
-    return socket.send_fds(sock, [data], list(fds))
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, deadline: float | None) -> tuple[bytes, list[int]]:
-    if not _wait(sock, select.POLLIN, deadline):
-        raise TimeoutError(f"timed out receiving cpr state on fd {sock.fileno()}")
-    # not socket.recv_fds: Python 3.11's drops its flags argument (no MSG_CMSG_CLOEXEC)
-    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(max_fds * 4), socket.MSG_CMSG_CLOEXEC)
-    fds = [
-        fd
-        for level, kind, payload in ancdata
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-        for fd in struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
-    ]
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise FdPassingError(f"more than {max_fds} fds in one message: the kernel dropped some")
-    return data, fds
+def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], timeout: float | None) -> int:
+    return _core.sendmsg_fds(sock.fileno(), data, fds, timeout=timeout)
+
+
+def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, timeout: float | None) -> tuple[bytes, list[int]]:
+    return _core.recvmsg_fds(sock.fileno(), bufsize, max_fds, timeout=timeout)
 
 
 class SocketStreamReader(StreamReader):
@@ -388,7 +368,7 @@ class SocketStreamReader(StreamReader):
         self._deadline = _deadline(timeout)
 
     def _more(self) -> bool:
-        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, self._deadline)
+        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, _remaining(self._deadline))
         self._fds.extend(fds)
         if self._pos:  # drop what the parser consumed
             del self._buf[: self._pos]
@@ -447,12 +427,13 @@ def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: se
     number = _s32(r, "fd number")
     try:
         fcntl.fcntl(number, fcntl.F_GETFD)
-    except (OSError, ValueError, OverflowError):
+    except (OSError, ValueError):  # ValueError: a negative number
         raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
     if number in numbers:
         # QEMU lets two keys share one number; we give each key its own fd to own.
         dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
         owned.append(dup)
+        numbers.add(dup)  # a later entry naming this number gets its own fd too
         return dup
     numbers.add(number)
     return number
@@ -557,9 +538,9 @@ def send_state(
 
 def _send_all(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> None:
     """Send ``data`` with ``fds`` attached to its first byte."""
-    sent = _sendmsg_fds(sock, data, fds, deadline)
+    sent = _sendmsg_fds(sock, data, fds, _remaining(deadline))
     while sent < len(data):
-        sent += _sendmsg_fds(sock, data[sent:], (), deadline)
+        sent += _sendmsg_fds(sock, data[sent:], (), _remaining(deadline))
 
 
 def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
@@ -573,8 +554,8 @@ def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     while True:
-        timeout_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-        events = poller.poll(timeout_ms)
+        remaining = _remaining(deadline)
+        events = poller.poll(None if remaining is None else int(remaining * 1000))
         if not events:
             return False
         revents = events[0][1]
@@ -726,8 +707,7 @@ def load_incoming(
     with listen(cpr_channel) as listener:
         sock = listener.accept(timeout)
     try:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        state = receive_state(sock, timeout=remaining)
+        state = receive_state(sock, timeout=_remaining(deadline))
     except BaseException:
         sock.close()
         raise

@@ -10,11 +10,15 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("cprfast-core supports 64-bit Linux only");
 
+pub mod dirty;
 pub mod error;
 pub mod guest_threads;
-pub mod layout;
 pub mod kvm;
+pub mod layout;
 pub mod memfd;
 pub mod observe;
+pub mod probe;
+pub mod scm;
+pub mod wait;
 
 pub use error::{Errno, Error, Result};

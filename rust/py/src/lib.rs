@@ -2,11 +2,15 @@
 //! module; each method extracts its arguments, releases the GIL around the
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
+mod dirty;
 mod errors;
 mod guest_threads;
 mod kvm;
 mod memfd;
 mod observe;
+mod probe;
+mod scm;
+mod wait;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -18,10 +22,24 @@ mod _core {
     #[pymodule_export]
     use crate::memfd::PyRegion;
     #[pymodule_export]
-    use crate::observe::{PyObserver, PyObserverReport};
+    use crate::probe::probe_features;
+    #[pymodule_export]
+    use crate::scm::{
+        PyUnixListener, connect_unix, peer_credentials, recv_fds, recvmsg_fds, send_fds, sendmsg_fds,
+    };
+
+    /// Most fds one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+    #[pymodule_export]
+    const SCM_MAX_FD: usize = cprfast_core::scm::SCM_MAX_FD;
+
+    #[pymodule_export]
+    use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
 
     #[pymodule_export]
     use crate::kvm::{PyKvmVm, probe_kvm};
+
+    #[pymodule_export]
+    use crate::observe::{PyObserver, PyObserverReport};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
