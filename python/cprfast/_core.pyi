@@ -42,7 +42,6 @@ __all__ = [
     "Tracker",
     "UnixListener",
 ]
-]
 
 def core_version() -> str: ...
 @final
