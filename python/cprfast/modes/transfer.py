@@ -141,31 +141,44 @@ class TransferDriver:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the RAM hand-over")
         out.devices_sock = out.connect(cpr_addr, ctx, "cpr channel")
 
-    def run(self, ctx: MigrationContext) -> None:
-        """Phase 2, guest stopped: device fds, then device state; wait until the target runs."""
+    def handover(self, ctx: MigrationContext) -> None:
+        """Guest just stopped, in ``migrate``'s thread: device state and device fds to a listening target."""
         out = self._out
         assert out is not None and out.devices_sock is not None, "prepare() did not run"
-        stream = encode_main(self.host.devices, self.pre_stop.value)
-        try:
-            # Pre-connected: device state goes first (as much as the socket takes without
-            # blocking), so the target finds it waiting when the device fds wake it up.
-            sent = _send_nowait(out.main, stream) if out.main is not None else 0
-            with _subset(self.host.cpr, set(self.host.ram_keys), ram=False) as devices:
-                send_state(devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
-            if out.main is None:
-                wait_hup(out.devices_sock)
-                out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
-            if sent < len(stream):  # (a send of nothing to a target that already read it all and hung up is EPIPE)
-                out.main.sendall(memoryview(stream)[sent:])
-        except OSError as e:
-            ctx.check_cancelled()
-            raise MigrationError(f"cpr-transfer: sending device state failed: {e}") from e
+        if out.main is not None:
+            self._send_devices(ctx, out, out.main)
+
+    def run(self, ctx: MigrationContext) -> None:
+        """A deferred target: device fds, HUP, main channel, device state; then wait until the target runs."""
+        out = self._out
+        assert out is not None and out.devices_sock is not None, "prepare() did not run"
+        if out.main is None:
+            self._send_devices(ctx, out, None)
+        assert out.main is not None
         # The status moves after the bytes left, to keep the pause path lean.
         ctx.activate()
         ctx.switchover()
         ack = _recv_ack(out.main, ctx, "confirmed it runs the guest")
         if ack != ACK_RUNNING:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the device state")
+
+    def _send_devices(self, ctx: MigrationContext, out: _Outgoing, main: socket.socket | None) -> None:
+        """Phase 2. Pre-connected: device state first (as much as the socket takes without blocking),
+        so the target finds it waiting when the device fds wake it up. Deferred: QEMU's order."""
+        assert out.devices_sock is not None
+        stream = encode_main(self.host.devices, self.pre_stop.value)
+        try:
+            sent = _send_nowait(main, stream) if main is not None else 0
+            with _subset(self.host.cpr, set(self.host.ram_keys), ram=False) as devices:
+                send_state(devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
+            if main is None:
+                wait_hup(out.devices_sock)
+                main = out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
+            if sent < len(stream):  # (a send of nothing to a target that already read it all and hung up is EPIPE)
+                main.sendall(memoryview(stream)[sent:])
+        except OSError as e:
+            ctx.check_cancelled()
+            raise MigrationError(f"cpr-transfer: sending device state failed: {e}") from e
 
     def cancel(self, ctx: MigrationContext) -> None:
         """Unblock ``prepare`` or ``run`` (they then see the cancel and unwind)."""
