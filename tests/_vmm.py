@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,21 @@ def vmms() -> Iterator[list[Vmm]]:
             if p.proc.poll() is None:
                 p.proc.kill()
             p.close()
+        _close_thread_loop()
+
+
+def _close_thread_loop() -> None:
+    """qemu.qmp's sync client runs on this thread's event loop and never closes it: close it here."""
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = policy.get_event_loop()
+        except RuntimeError:
+            return
+    if not loop.is_running():
+        loop.close()
+        policy.set_event_loop(None)
 
 
 def ram_of(vmm: Vmm) -> _core.Region:
