@@ -19,6 +19,7 @@ falls back to TCG and says so; results record the accelerator used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,6 +31,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,11 +158,27 @@ class Qemu:
             with contextlib.suppress(Exception):
                 self.qmp.close()
             self.qmp = None
+            close_thread_loop()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def close_thread_loop() -> None:
+    """qemu.qmp's sync client runs on this thread's event loop and never closes it: close it here."""
+    policy = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            loop = policy.get_event_loop()
+        except RuntimeError:
+            return
+    if not loop.is_running():
+        loop.close()
+        policy.set_event_loop(None)
+
 
 
 def spawn(args: Sequence[str], workdir: Path, name: str, *, pass_fds: Sequence[int] = ()) -> Qemu:

@@ -66,7 +66,13 @@ class ModeDriver(Protocol):
     """The mode-specific part of an outgoing migration.
 
     ``run`` does the work in the worker thread and raises on failure. Optional
-    methods, looked up by name: ``cancel(ctx)`` unblocks ``run`` (e.g. shuts a
+    methods, looked up by name: ``prepare(ctx)`` runs in ``migrate`` before the VM
+    stops (cpr-transfer hands over passive guest-RAM fds there, so the target maps
+    them while the guest still runs; raising fails the migration with the guest
+    never stopped); ``handover(ctx)`` runs in ``migrate`` right after PRECOPY_SETUP,
+    in the caller's thread (the latency-critical start of a CPR switchover, with no
+    thread start on the guest's pause path; raising fails the migration);
+    ``cancel(ctx)`` unblocks ``run`` or ``prepare`` (e.g. shuts a
     socket down) when the migration is cancelled; ``complete(ctx)`` runs after
     PRECOPY_DONE (cpr-exec execs here); if it raises, the migration fails after all:
     completed -> failed, PRECOPY_FAILED follows DONE, and the VM resumes, as QEMU does.
@@ -391,9 +397,15 @@ class MigrationState:
             self._ctx, self._driver = ctx, driver
         dispatch = self.notifiers.dispatch(mode)
         try:
+            prepare = getattr(driver, "prepare", None)
+            if prepare is not None:
+                prepare(ctx)
             if mode.is_cpr:
                 self._stop_vm_for_migration()
             dispatch.setup()
+            handover = getattr(driver, "handover", None)
+            if handover is not None:
+                handover(ctx)
         except BaseException as e:
             self._unwind(ctx, dispatch, e)
             raise
