@@ -12,10 +12,13 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 
 pub mod dirty;
 pub mod error;
+pub mod guest_threads;
 pub mod layout;
+pub mod kvm;
 pub mod memfd;
 pub mod probe;
 pub mod scm;
 pub mod wait;
+pub mod observe;
 
 pub use error::{Errno, Error, Result};

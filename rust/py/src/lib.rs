@@ -4,16 +4,21 @@
 
 mod dirty;
 mod errors;
+mod guest_threads;
+mod kvm;
 mod memfd;
 mod probe;
 mod scm;
 mod wait;
+mod observe;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
 mod _core {
     use pyo3::prelude::*;
 
+    #[pymodule_export]
+    use crate::guest_threads::PyThreadsGuest;
     #[pymodule_export]
     use crate::memfd::PyRegion;
     #[pymodule_export]
@@ -29,6 +34,12 @@ mod _core {
 
     #[pymodule_export]
     use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
+
+    #[pymodule_export]
+    use crate::observe::{PyObserver, PyObserverReport};
+
+    #[pymodule_export]
+    use crate::kvm::{PyKvmVm, probe_kvm};
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]

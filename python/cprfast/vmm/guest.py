@@ -1,0 +1,120 @@
+"""The reference VMM's guest: a real KVM vCPU or native threads, behind one surface.
+
+Both kinds run on the same guest-RAM layout (``rust/core/src/layout.rs``): a
+heartbeat at 0x1000 bumped at least every 10 µs, and a hot working set written
+page after page. The VMM only needs start / pause / resume and the vCPU state
+as bytes, which travels on the main channel as the ``cpu`` device; the memory
+itself stays in the memfd.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+from cprfast import _core
+
+GuestKind = Literal["kvm", "threads"]
+
+HEARTBEAT = 0x1000
+"""Guest-RAM offset of the u64 heartbeat (``layout::HEARTBEAT``)."""
+HOT_START = 0x10_0000
+"""First byte of the hot working set (``layout::HOT_START``)."""
+STATE_VERSION = 1
+
+_U64 = struct.Struct("<Q")
+
+
+def resolve_kind(kind: str) -> GuestKind:
+    """``auto`` means KVM when the probe says it works, else threads; explicit kinds are checked."""
+    if kind == "threads":
+        return "threads"
+    if kind not in ("kvm", "auto"):
+        raise ValueError(f"unknown guest kind {kind!r} (kvm, threads or auto)")
+    probe = _core.probe_kvm()
+    if probe.get("available"):
+        return "kvm"
+    if kind == "auto":
+        return "threads"
+    from cprfast.errors import FeatureUnavailableError
+
+    raise FeatureUnavailableError(f"--guest kvm: KVM is not usable here: {probe.get('detail')}")
+
+
+class Guest:
+    """One guest on one guest-RAM region; the VMM's vCPU(s).
+
+    ``fresh`` boots a new guest (writes its code and page tables into RAM);
+    otherwise the guest waits for :meth:`load_state` from the previous process,
+    whose RAM it shares. All memory setup (KVM memory slot, vCPU creation) is
+    done here, so it can happen before the source guest stops.
+    """
+
+    def __init__(self, kind: GuestKind, region: _core.Region, hot_len: int, *, fresh: bool) -> None:
+        self.kind: GuestKind = kind
+        self.region = region
+        self.slot_seconds = 0.0
+        self._vm: _core.KvmVm | None = None
+        self._threads: _core.ThreadsGuest | None = None
+        if kind == "kvm":
+            vm = _core.KvmVm()
+            try:
+                self.slot_seconds = vm.set_memory(region)
+                vm.create_vcpu()
+                if fresh:
+                    vm.setup_guest(HOT_START, hot_len)
+            except BaseException:
+                vm.close()
+                raise
+            self._vm = vm
+        else:
+            self._threads = _core.ThreadsGuest(region, HOT_START, hot_len)
+        self._started = False
+
+    @property
+    def heartbeat(self) -> int:
+        """The heartbeat as the guest left it in RAM."""
+        value: int = _U64.unpack(self.region.read(HEARTBEAT, 8))[0]
+        return value
+
+    def _impl(self) -> _core.KvmVm | _core.ThreadsGuest:
+        impl = self._vm if self._vm is not None else self._threads
+        if impl is None:
+            raise ValueError("the guest is closed")
+        return impl
+
+    def resume(self) -> None:
+        """Run the guest: the first call starts the vCPU thread, later ones resume it."""
+        impl = self._impl()
+        if self._started:
+            impl.resume()
+        else:
+            impl.start()
+            self._started = True
+
+    def pause(self) -> None:
+        """Stop the guest; when this returns it writes nothing more until :meth:`resume`."""
+        if self._started:
+            self._impl().pause()
+
+    @property
+    def running(self) -> bool:
+        """Whether the vCPU runs now."""
+        return self._started and self._impl().running
+
+    def save_state(self) -> bytes:
+        """The vCPU state (device ``cpu`` on the main channel); the guest must be paused."""
+        return bytes(self._impl().save_state())
+
+    def load_state(self, data: bytes, version: int) -> None:
+        """Adopt the predecessor's vCPU state; the guest must not run yet."""
+        self._impl().load_state(data)
+
+    def close(self) -> None:
+        """Stop the vCPU thread and release KVM; the region stays with its owner."""
+        vm, self._vm = self._vm, None
+        threads, self._threads = self._threads, None
+        if vm is not None:
+            vm.close()
+        if threads is not None:
+            threads.close()

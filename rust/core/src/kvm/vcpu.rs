@@ -1,0 +1,532 @@
+//! One vCPU: its fd and shared `kvm_run` page, a native thread that loops in
+//! `KVM_RUN`, pause/resume, and its state as bytes.
+//!
+//! Pausing kicks the thread out of `KVM_RUN`: set `kvm_run.immediate_exit`
+//! (covers the window before the thread enters the guest) and send the
+//! thread [`kick_signal`], whose handler does nothing and is installed without
+//! `SA_RESTART`, so `KVM_RUN` returns `EINTR`. The thread then parks on a
+//! condition variable, outside `KVM_RUN`, and says so; only then does
+//! [`Vcpu::pause`] return. Any exit other than a kick (shutdown, HLT, I/O,
+//! MMIO, internal error, a failed `KVM_RUN`) is recorded and ends the thread:
+//! the guest we run never exits in steady state, so an exit is an error.
+
+use std::ffi::c_void;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rustix::mm::{MapFlags, ProtFlags};
+
+use super::abi::{self, Fpu, MsrEntry, Msrs, Regs, Sregs, VcpuEvents};
+use super::guest;
+use super::state::{MAX_MSRS, SAVED_MSRS, VcpuState};
+use super::vm::Vm;
+use crate::error::{Errno, Error, Result};
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`
+/// (`SIGRTMIN + 4`); reserved by cprfast in any process that runs a vCPU.
+#[must_use]
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 4
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Install the no-op kick handler once per process (no `SA_RESTART`).
+fn install_kick_handler() -> Result<()> {
+    static INSTALLED: OnceLock<std::result::Result<(), Errno>> = OnceLock::new();
+    let r = INSTALLED.get_or_init(|| {
+        // SAFETY: a zeroed `sigaction` is a valid "no flags, empty mask" value;
+        // the handler is an `extern "C"` fn that touches nothing, so it is
+        // async-signal-safe, and we replace only our own reserved signal.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as libc::sighandler_t;
+            libc::sigemptyset(&raw mut sa.sa_mask);
+            if libc::sigaction(kick_signal(), &raw const sa, std::ptr::null_mut()) != 0 {
+                return Err(Errno::last());
+            }
+        }
+        Ok(())
+    });
+    r.map_err(|errno| Error::Os { op: "sigaction(vCPU kick signal)".into(), errno })
+}
+
+/// The vCPU's shared `kvm_run` area.
+#[derive(Debug)]
+struct RunPage {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the page is shared with the kernel and accessed only with volatile
+// reads/writes of single fields, from any thread.
+unsafe impl Send for RunPage {}
+// SAFETY: as above.
+unsafe impl Sync for RunPage {}
+
+impl RunPage {
+    fn set_immediate_exit(&self, on: bool) {
+        // SAFETY: `immediate_exit` is a u8 inside the live mapping; KVM reads it with READ_ONCE.
+        unsafe { self.base.add(abi::run::IMMEDIATE_EXIT).write_volatile(u8::from(on)) }
+    }
+
+    fn u32_at(&self, off: usize) -> u32 {
+        // SAFETY: `off` is one of the aligned field offsets in `abi::run`, inside the mapping.
+        unsafe { self.base.add(off).cast::<u32>().read_volatile() }
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        // SAFETY: as for `u32_at`.
+        unsafe { self.base.add(off).cast::<u64>().read_volatile() }
+    }
+
+    /// Say why `KVM_RUN` returned, in words.
+    fn describe_exit(&self) -> String {
+        let u = abi::run::UNION;
+        match self.u32_at(abi::run::EXIT_REASON) {
+            abi::KVM_EXIT_SHUTDOWN => "KVM_EXIT_SHUTDOWN (triple fault)".into(),
+            abi::KVM_EXIT_HLT => "KVM_EXIT_HLT".into(),
+            abi::KVM_EXIT_IO => format!("KVM_EXIT_IO (port {:#x})", (self.u32_at(u) >> 16) & 0xffff),
+            abi::KVM_EXIT_MMIO => format!("KVM_EXIT_MMIO (address {:#x})", self.u64_at(u)),
+            abi::KVM_EXIT_FAIL_ENTRY => format!("KVM_EXIT_FAIL_ENTRY (hardware reason {:#x})", self.u64_at(u)),
+            abi::KVM_EXIT_INTERNAL_ERROR => format!("KVM_EXIT_INTERNAL_ERROR (suberror {})", self.u32_at(u)),
+            abi::KVM_EXIT_SYSTEM_EVENT => format!("KVM_EXIT_SYSTEM_EVENT (type {})", self.u32_at(u)),
+            r => format!("unexpected KVM exit reason {r}"),
+        }
+    }
+}
+
+impl Drop for RunPage {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` came from mmap; the last `Arc<Shared>` is dropping,
+        // so neither the run thread nor a waiter can touch the page afterwards.
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.len) };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// What the controller wants and what the run thread last said.
+#[derive(Debug)]
+struct Ctl {
+    want: Want,
+    /// The run thread is outside `KVM_RUN` and will not re-enter it (or there is no thread).
+    parked: bool,
+    /// The run thread has returned (or was never started).
+    exited: bool,
+    /// Why the guest stopped on its own, if it did.
+    failure: Option<String>,
+    /// Registers hold a guest to run (set by `setup_guest` or `load_state`).
+    ready: bool,
+    /// The run thread while it is not joined (its pthread_t stays valid until then).
+    tid: Option<libc::pthread_t>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    fd: OwnedFd,
+    run: RunPage,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A vCPU of a [`Vm`], run by a native thread once started.
+#[derive(Debug)]
+pub struct Vcpu {
+    vm: Arc<Vm>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// MSRs from [`SAVED_MSRS`] that this KVM can get and set.
+    msrs: Vec<u32>,
+}
+
+impl Vcpu {
+    /// `KVM_CREATE_VCPU` with id `id`, map its `kvm_run`, and give it the host's
+    /// supported CPUID. Nothing runs until [`start`](Self::start).
+    pub fn create(vm: Arc<Vm>, id: u32) -> Result<Self> {
+        install_kick_handler()?;
+        let raw = abi::ioctl_int(vm.fd(), abi::KVM_CREATE_VCPU, id as usize)
+            .map_err(|e| Error::os(format!("KVM_CREATE_VCPU({id})"), e))?;
+        // SAFETY: KVM_CREATE_VCPU returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: a fresh shared mapping of the vCPU fd at an address the kernel picks.
+        let base = unsafe {
+            rustix::mm::mmap(std::ptr::null_mut(), vm.run_size, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, &fd, 0)
+        }
+        .map_err(|e| Error::os("mmap(kvm_run)", e))?;
+        let run = RunPage { base: base.cast(), len: vm.run_size };
+        let mut cpuid = vm.cpuid.clone();
+        // SAFETY: KVM_SET_CPUID2 reads a `kvm_cpuid2` header and `nent` entries, all inside the box.
+        unsafe { abi::ioctl(fd.as_fd(), abi::KVM_SET_CPUID2, (&raw mut *cpuid).cast::<c_void>()) }
+            .map_err(|e| Error::os("KVM_SET_CPUID2", e))?;
+        let msrs = SAVED_MSRS.into_iter().filter(|m| vm.msr_index.contains(m)).collect();
+        let ctl = Ctl { want: Want::Pause, parked: true, exited: true, failure: None, ready: false, tid: None };
+        Ok(Self {
+            vm,
+            shared: Arc::new(Shared { fd, run, ctl: Mutex::new(ctl), cv: Condvar::new() }),
+            thread: Mutex::new(None),
+            msrs,
+        })
+    }
+
+    /// The guest is in `KVM_RUN` (or about to be): started, not paused, not stopped.
+    #[must_use]
+    pub fn running(&self) -> bool {
+        let c = self.shared.lock();
+        !c.exited && c.want == Want::Run
+    }
+
+    /// Why the guest stopped on its own (`None` while it is fine).
+    #[must_use]
+    pub fn exit_reason(&self) -> Option<String> {
+        self.shared.lock().failure.clone()
+    }
+
+    /// Lock the control block and check that no thread is in `KVM_RUN`.
+    fn quiescent(&self, what: &str) -> Result<MutexGuard<'_, Ctl>> {
+        let c = self.shared.lock();
+        if c.parked {
+            Ok(c)
+        } else {
+            Err(Error::InvalidArgument(format!("{what} needs the vCPU paused or not started")))
+        }
+    }
+
+    /// Boot the tiny guest: write it into the RAM at guest address 0 and set
+    /// the registers to its first instruction in long mode.
+    pub fn setup_guest(&self, hot_start: usize, hot_len: usize) -> Result<()> {
+        let mut c = self.quiescent("setup_guest")?;
+        let ram = self.vm.ram()?;
+        guest::write_image(&ram, hot_start, hot_len, self.vm.has_1g_pages())?;
+        let sregs = guest::boot_sregs(self.get::<Sregs>(abi::KVM_GET_SREGS, "KVM_GET_SREGS")?);
+        self.set(abi::KVM_SET_SREGS, "KVM_SET_SREGS", &sregs)?;
+        self.set(abi::KVM_SET_REGS, "KVM_SET_REGS", &guest::boot_regs())?;
+        c.ready = true;
+        c.failure = None;
+        Ok(())
+    }
+
+    /// Spawn the run thread; the guest runs until paused or stopped.
+    pub fn start(&self) -> Result<()> {
+        let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self.shared.lock();
+        if !c.exited {
+            return Err(Error::InvalidArgument("the vCPU is already started".into()));
+        }
+        if !c.ready {
+            return Err(Error::InvalidArgument("call setup_guest() or load_state() before start()".into()));
+        }
+        if let Some(f) = &c.failure {
+            return Err(Error::InvalidArgument(format!("the guest stopped: {f}")));
+        }
+        if let Some(old) = thread.take() {
+            c.tid = None;
+            let _ = old.join(); // it has exited: returns at once
+        }
+        c.want = Want::Run;
+        c.exited = false;
+        let shared = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name("cprfast-vcpu".into())
+            .spawn(move || run_loop(&shared))
+            .map_err(|e| Error::os("spawn(vCPU thread)", Errno(e.raw_os_error().unwrap_or(libc::EAGAIN))));
+        match handle {
+            Ok(h) => {
+                c.tid = Some(h.as_pthread_t());
+                *thread = Some(h);
+                Ok(())
+            }
+            Err(e) => {
+                c.exited = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Make the run thread leave (or not enter) `KVM_RUN`. Called with the control block locked.
+    fn kick(&self, c: &Ctl) -> Result<()> {
+        self.shared.run.set_immediate_exit(true);
+        if let Some(tid) = c.tid {
+            // SAFETY: `tid` is cleared before its thread is joined, so it names a
+            // live or returned-but-unjoined thread: a valid pthread_t.
+            let rc = unsafe { libc::pthread_kill(tid, kick_signal()) };
+            if rc != 0 && rc != libc::ESRCH {
+                return Err(Error::Os { op: "pthread_kill(vCPU)".into(), errno: Errno(rc) });
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait on the control block until `done` holds, kicking the thread each
+    /// millisecond in case it was between checks; error after `timeout`.
+    fn wait_for<'a>(
+        &self,
+        mut c: MutexGuard<'a, Ctl>,
+        t0: Instant,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&Ctl) -> bool,
+    ) -> Result<MutexGuard<'a, Ctl>> {
+        while !done(&c) {
+            let (g, res) = self.shared.cv.wait_timeout(c, Duration::from_millis(1)).unwrap_or_else(PoisonError::into_inner);
+            c = g;
+            if res.timed_out() && !done(&c) {
+                if t0.elapsed() > timeout {
+                    return Err(Error::TimedOut(what.into()));
+                }
+                if c.want != Want::Run {
+                    self.kick(&c)?;
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Stop the guest: returns once the run thread is parked outside `KVM_RUN`,
+    /// with the time that took. A vCPU that is not running pauses at once.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        let mut c = self.shared.lock();
+        if c.exited {
+            return Ok(t0.elapsed());
+        }
+        c.want = Want::Pause;
+        self.kick(&c)?;
+        drop(self.wait_for(c, t0, timeout, "pausing the vCPU", |c| c.parked)?);
+        Ok(t0.elapsed())
+    }
+
+    /// Let a paused guest run again; returns once the run thread has left its
+    /// parking spot (it enters `KVM_RUN` next), with the time that took.
+    pub fn resume(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        let mut c = self.shared.lock();
+        if let Some(f) = &c.failure {
+            return Err(Error::InvalidArgument(format!("cannot resume: the guest stopped: {f}")));
+        }
+        if c.exited {
+            return Err(Error::InvalidArgument("cannot resume: the vCPU is not started".into()));
+        }
+        c.want = Want::Run;
+        self.shared.cv.notify_all();
+        drop(self.wait_for(c, t0, timeout, "resuming the vCPU", |c| !c.parked || c.exited)?);
+        Ok(t0.elapsed())
+    }
+
+    /// End the run thread and join it. Idempotent. After a timeout the thread
+    /// is left running detached (it owns what it uses) and the error says so.
+    pub fn stop(&self, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut c = self.shared.lock();
+        if !c.exited {
+            c.want = Want::Stop;
+            self.shared.cv.notify_all();
+            self.kick(&c)?;
+            c = self.wait_for(c, t0, timeout, "stopping the vCPU thread", |c| c.exited)?;
+        }
+        c.tid = None;
+        drop(c);
+        if let Some(h) = thread.take() {
+            let _ = h.join(); // it has returned: joins at once
+        }
+        Ok(())
+    }
+
+    fn get<T>(&self, op: rustix::ioctl::Opcode, name: &str) -> Result<T> {
+        let mut v = std::mem::MaybeUninit::<T>::zeroed();
+        // SAFETY: `op` is the KVM_GET_* ioctl whose argument type is `T` (callers
+        // pair them), and KVM fills all of it; `T` is a plain integer aggregate for
+        // which the zeroed start is also valid.
+        unsafe {
+            abi::ioctl(self.shared.fd.as_fd(), op, v.as_mut_ptr().cast::<c_void>()).map_err(|e| Error::os(name, e))?;
+            Ok(v.assume_init())
+        }
+    }
+
+    fn set<T>(&self, op: rustix::ioctl::Opcode, name: &str, v: &T) -> Result<()> {
+        // SAFETY: `op` is the KVM_SET_* ioctl whose argument type is `T` (callers pair them); KVM only reads it.
+        unsafe { abi::ioctl(self.shared.fd.as_fd(), op, (v as *const T).cast_mut().cast::<c_void>()) }
+            .map_err(|e| Error::os(name, e))?;
+        Ok(())
+    }
+
+    /// The vCPU's state as bytes (see [`super::state`]); only while paused or not started.
+    pub fn save_state(&self) -> Result<Vec<u8>> {
+        let c = self.quiescent("save_state")?;
+        if !c.ready {
+            return Err(Error::InvalidArgument("the vCPU holds no guest yet: nothing to save".into()));
+        }
+        let mut m = Msrs::<MAX_MSRS> { nmsrs: self.msrs.len() as u32, pad: 0, entries: [MsrEntry::default(); MAX_MSRS] };
+        for (e, &index) in m.entries.iter_mut().zip(&self.msrs) {
+            e.index = index;
+        }
+        // SAFETY: a `kvm_msrs` header with `nmsrs` entries, all inside `m`; KVM fills their data.
+        let got = unsafe { abi::ioctl(self.shared.fd.as_fd(), abi::KVM_GET_MSRS, (&raw mut m).cast::<c_void>()) }
+            .map_err(|e| Error::os("KVM_GET_MSRS", e))?;
+        let state = VcpuState {
+            regs: self.get::<Regs>(abi::KVM_GET_REGS, "KVM_GET_REGS")?,
+            sregs: self.get::<Sregs>(abi::KVM_GET_SREGS, "KVM_GET_SREGS")?,
+            fpu: self.get::<Fpu>(abi::KVM_GET_FPU, "KVM_GET_FPU")?,
+            events: self.get::<VcpuEvents>(abi::KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS")?,
+            msrs: m.entries[..got as usize].to_vec(),
+        };
+        Ok(state.encode())
+    }
+
+    /// Verify `bytes` (see [`super::state`]) and load them into the vCPU, which
+    /// must be paused or not started; [`start`](Self::start) or
+    /// [`resume`](Self::resume) then continues the guest where it was saved.
+    pub fn load_state(&self, bytes: &[u8]) -> Result<()> {
+        let state = VcpuState::decode(bytes)?;
+        let mut c = self.quiescent("load_state")?;
+        self.set(abi::KVM_SET_SREGS, "KVM_SET_SREGS", &state.sregs)?;
+        self.set(abi::KVM_SET_REGS, "KVM_SET_REGS", &state.regs)?;
+        self.set(abi::KVM_SET_FPU, "KVM_SET_FPU", &state.fpu)?;
+        let mut m = Msrs::<MAX_MSRS> { nmsrs: state.msrs.len() as u32, pad: 0, entries: [MsrEntry::default(); MAX_MSRS] };
+        m.entries[..state.msrs.len()].copy_from_slice(&state.msrs);
+        // SAFETY: a `kvm_msrs` header with `nmsrs` (<= MAX_MSRS) entries, all inside `m`; KVM only reads it.
+        let set = unsafe { abi::ioctl(self.shared.fd.as_fd(), abi::KVM_SET_MSRS, (&raw mut m).cast::<c_void>()) }
+            .map_err(|e| Error::os("KVM_SET_MSRS", e))?;
+        if set as usize != state.msrs.len() {
+            let bad = state.msrs[set as usize].index;
+            return Err(Error::os(format!("KVM_SET_MSRS(MSR {bad:#x})"), rustix::io::Errno::INVAL));
+        }
+        self.set(abi::KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &state.events)?;
+        c.ready = true;
+        c.failure = None;
+        Ok(())
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_secs(2));
+    }
+}
+
+/// The run thread: park while paused, run the guest otherwise, and record
+/// any exit that is not a kick as the guest's failure.
+fn run_loop(sh: &Shared) {
+    // SAFETY: an empty set plus one valid signal number; changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+    }
+    let failure = loop {
+        {
+            let mut c = sh.lock();
+            loop {
+                match c.want {
+                    Want::Stop => {
+                        c.parked = true;
+                        c.exited = true;
+                        sh.cv.notify_all();
+                        return;
+                    }
+                    Want::Pause => {
+                        if !c.parked {
+                            c.parked = true;
+                            sh.cv.notify_all();
+                        }
+                        c = sh.cv.wait(c).unwrap_or_else(PoisonError::into_inner);
+                    }
+                    Want::Run => {
+                        // Under the lock: a pause sets the flag again only after we release it.
+                        sh.run.set_immediate_exit(false);
+                        c.parked = false;
+                        sh.cv.notify_all();
+                        break;
+                    }
+                }
+            }
+        }
+        match abi::ioctl_int(sh.fd.as_fd(), abi::KVM_RUN, 0) {
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
+            Err(e) => break format!("KVM_RUN: {}", Errno::from(e)),
+            Ok(_) if sh.run.u32_at(abi::run::EXIT_REASON) == abi::KVM_EXIT_INTR => {}
+            Ok(_) => break sh.run.describe_exit(),
+        }
+    };
+    let mut c = sh.lock();
+    c.failure = Some(failure);
+    c.parked = true;
+    c.exited = true;
+    sh.cv.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout;
+    use crate::memfd::{CreateOptions, Region};
+
+    const T: Duration = Duration::from_secs(2);
+
+    fn heartbeat(r: &Region) -> u64 {
+        let mut b = [0u8; 8];
+        r.mapping().read(layout::HEARTBEAT, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    fn wait_beats(r: &Region, past: u64) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let h = heartbeat(r);
+            if h > past {
+                return h;
+            }
+            assert!(t0.elapsed() < T, "heartbeat stuck at {h}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn boots_pauses_and_hands_state_to_a_second_vm() {
+        let Ok(vm) = Vm::create() else { return };
+        let vm = Arc::new(vm);
+        let r = Region::create("kvm-ram", 64 << 20, &CreateOptions::default()).unwrap();
+        vm.set_memory(0, 0, r.mapping(), false).unwrap();
+        let vcpu = Vcpu::create(Arc::clone(&vm), 0).unwrap();
+        assert!(vcpu.start().is_err(), "start before setup must fail");
+        vcpu.setup_guest(1 << 20, 8 << 20).unwrap();
+        vcpu.start().unwrap();
+        assert!(vcpu.running());
+        let h = wait_beats(&r, 1000);
+        assert!(vcpu.save_state().is_err(), "save while running must fail");
+        vcpu.pause(T).unwrap();
+        assert!(!vcpu.running());
+        let frozen = heartbeat(&r);
+        assert!(frozen >= h);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(heartbeat(&r), frozen);
+        let state = vcpu.save_state().unwrap();
+        vcpu.stop(T).unwrap();
+
+        let vm2 = Arc::new(Vm::create().unwrap());
+        vm2.set_memory(0, 0, r.mapping(), false).unwrap();
+        let vcpu2 = Vcpu::create(vm2, 0).unwrap();
+        vcpu2.load_state(&state).unwrap();
+        vcpu2.start().unwrap();
+        wait_beats(&r, frozen);
+        assert_eq!(vcpu2.exit_reason(), None);
+        vcpu2.stop(T).unwrap();
+        assert!(!vcpu2.running());
+    }
+}
