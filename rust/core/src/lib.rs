@@ -20,5 +20,6 @@ pub mod probe;
 pub mod scm;
 pub mod wait;
 pub mod observe;
+pub mod pagestream;
 
 pub use error::{Errno, Error, Result};

@@ -11,6 +11,7 @@ mod probe;
 mod scm;
 mod wait;
 mod observe;
+mod pagestream;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -40,6 +41,11 @@ mod _core {
 
     #[pymodule_export]
     use crate::kvm::{PyKvmVm, probe_kvm};
+
+    #[pymodule_export]
+    use crate::pagestream::{
+        PyStreamProgress, PyStreamStats, load_mapped, mapped_file_size, recv_pages, save_mapped, send_pages,
+    };
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
