@@ -1,0 +1,1 @@
+"""The migration modes' drivers (one module per mode)."""
