@@ -27,6 +27,7 @@ rust-test:
 
 lint:
 	cargo clippy --workspace --all-targets --release -- -D warnings
+	$(PY) -m mypy --strict python/cprfast
 	$(PY) -m mypy.stubtest cprfast._core --allowlist .stubtest-allowlist
 
 pytest: build

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,8 +36,7 @@ def page_heads(region: Region, start: int, length: int) -> list[int]:
     return [struct.unpack_from("<Q", data, off)[0] for off in range(0, length, PAGE)]
 
 
-def wait_for(pred: object, what: str, timeout: float = 30.0) -> None:
-    assert callable(pred)
+def wait_for(pred: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -134,8 +133,10 @@ def test_state_errors(region: Region) -> None:
         g.start()
         with pytest.raises(ValueError, match="must be paused"):
             g.save_state()
+        wait_for(lambda: g.heartbeat > 100, "heartbeat")
         g.pause()
         state = g.save_state()
+        saved_hb = g.heartbeat
         g.resume()
         with pytest.raises(ValueError, match="must be paused"):
             g.load_state(state)
@@ -149,7 +150,7 @@ def test_state_errors(region: Region) -> None:
     with pytest.raises(ValueError, match="hot set"):
         ThreadsGuest(region, hot_len=HOT // 2).load_state(state)
     # Memory that does not hold the saved heartbeat was not preserved.
-    os.pwrite(region.fileno(), struct.pack("<Q", 7), HEARTBEAT)
+    os.pwrite(region.fileno(), struct.pack("<Q", saved_hb + 1), HEARTBEAT)
     with pytest.raises(StreamError, match="not preserved"):
         fresh.load_state(state)
     fresh.close()

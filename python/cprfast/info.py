@@ -11,7 +11,7 @@ import errno
 import os
 import resource
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +107,6 @@ def probe_scm_rights() -> Probe:
     return _result(True, f"the kernel accepts more than {_core.SCM_MAX_FD} fds per message", **extras)
 
 
-def _extension_probes(key: str, function: str) -> dict[str, Probe]:
-    """Probes another part of the extension provides, if it is built in."""
-    probe: Callable[[], Mapping[str, Any]] | None = getattr(_core, function, None)
-    if probe is None:
-        return {key: _result(False, f"not built into this extension (no _core.{function})")}
-    found = dict(probe())
-    if "available" in found:  # one probe rather than a mapping of them
-        return {key: found}
-    return {name: dict(result) for name, result in found.items()}
-
-
 def collect() -> dict[str, Probe]:
     """Run every probe; keys are stable identifiers, in report order."""
     core = _core.probe_features()
@@ -131,7 +120,7 @@ def collect() -> dict[str, Probe]:
         "soft_dirty": core["soft_dirty"],
     }
     results["write_tracking"] = dict(_core.probe_write_tracking())
-    results.update(_extension_probes("kvm", "probe_kvm"))
+    results["kvm"] = dict(_core.probe_kvm())
     return results
 
 

@@ -165,6 +165,13 @@ class MigrationContext:
         self.cancelled = threading.Event()
         self._timing = timing
 
+    @property
+    def main_channel(self) -> MigrationAddress:
+        """The address of the main channel (device state, RAM)."""
+        from cprfast.channels import ChannelType
+
+        return self.channels[ChannelType.MAIN]
+
     def check_cancelled(self) -> None:
         """Raise :class:`MigrationCancelledError` if ``migrate_cancel`` was issued."""
         if self.cancelled.is_set():
@@ -359,7 +366,11 @@ class MigrationState:
 
         if (uri is None) == (channels is None):
             raise MigrationError("need either 'uri' or 'channels' argument")
-        addresses = {ch.ChannelType.MAIN: ch.parse_uri(uri)} if uri is not None else ch.parse_channels(list(channels or []))
+        addresses = (
+            {ch.ChannelType.MAIN: ch.parse_uri(uri)}
+            if uri is not None
+            else ch.parse_channels([dict(c) for c in channels or ()])
+        )
         with self._lock:
             mode = self.parameters.mode
             check_prepare(
@@ -537,7 +548,7 @@ class MigrationState:
             address = (
                 ch.parse_uri(uri)
                 if uri is not None
-                else ch.parse_channels(list(channels or [])).get(ch.ChannelType.MAIN)
+                else ch.parse_channels([dict(c) for c in channels or ()]).get(ch.ChannelType.MAIN)
             )
             if address is None:
                 raise MigrationError("Channel list has no main entry")

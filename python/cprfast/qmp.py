@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: ``return`` value (None means ``{}``); may be a coroutine function.
 Handler = Callable[[dict[str, Any]], Any]
 
-_MAX_LINE = 16 << 20
+_MAX_MESSAGE = 16 << 20
 
 
 class QMPError(Exception):
@@ -221,7 +221,7 @@ class QMPServer:
             os.fchmod(sock.fileno(), 0o600)  # the bound file gets this mode: no window
             sock.bind(str(self.path))
             sock.listen(16)
-            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock, limit=_MAX_LINE)
+            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -340,20 +340,19 @@ class _Session:
     async def run(self, reader: asyncio.StreamReader) -> None:
         qemu = {"micro": 0, "minor": 0, "major": 10}
         self.send({"QMP": {"version": {"qemu": qemu, "package": self.server.package}, "capabilities": []}})
+        splitter = _JsonSplitter()
         while True:
             try:
-                line = await reader.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                self.send({"error": {"class": "GenericError", "desc": "JSON parse error, message too long"}})
-                return
+                chunk = await reader.read(1 << 16)
             except ConnectionError:
                 return
-            if not line:
+            if not chunk:
                 return
-            if not line.strip():
-                continue
-            reply = await self._handle(line)
-            self.send(reply)
+            for message in splitter.feed(chunk):
+                self.send(await self._handle(message))
+            if splitter.pending > _MAX_MESSAGE:
+                self.send(_error("JSON parse error, message too long"))
+                return
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
 
@@ -398,6 +397,71 @@ class _Session:
         if not self.negotiated:
             raise QMPError("Expecting capabilities negotiation with 'qmp_capabilities'", "CommandNotFound")
         return await self.server._execute(name, arguments)
+
+
+class _JsonSplitter:
+    """Cuts a byte stream into JSON texts the way QEMU's JSON streamer does: by nesting depth.
+
+    QMP has no framing: clients (qemu.qmp among them) send objects back to back
+    without newlines. Structural characters are ASCII, so scanning bytes is safe
+    for UTF-8. A top-level scalar ends at a newline or at the next ``{``/``[``.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # next byte to scan
+        self._start = 0  # start of the text being collected
+        self._depth = 0
+        self._in_str = False
+        self._escape = False
+        self._scalar = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished text held."""
+        return len(self._buf) - self._start
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return the texts it completed."""
+        out: list[bytes] = []
+        buf = self._buf
+        buf += data
+        i = self._pos
+        while i < len(buf):
+            c = buf[i]
+            if self._in_str:
+                if self._escape:
+                    self._escape = False
+                elif c == 0x5C:  # backslash
+                    self._escape = True
+                elif c == 0x22:  # quote
+                    self._in_str = False
+            elif self._depth:
+                if c == 0x22:
+                    self._in_str = True
+                elif c in b"{[":
+                    self._depth += 1
+                elif c in b"}]":
+                    self._depth -= 1
+                    if not self._depth:
+                        out.append(bytes(buf[self._start : i + 1]))
+                        self._start = i + 1
+            elif self._scalar:
+                if c in b"\r\n{[":
+                    out.append(bytes(buf[self._start : i]))
+                    self._scalar = False
+                    self._start = i
+                    continue  # look at this byte again outside the scalar
+            elif c in b" \t\r\n":
+                self._start = i + 1
+            elif c in b"{[":
+                self._start, self._depth = i, 1
+            else:
+                self._start, self._scalar = i, True
+            i += 1
+        del buf[: self._start]
+        self._pos, self._start = i - self._start, 0
+        return out
 
 
 def _error(desc: str, error_class: str = "GenericError") -> dict[str, Any]:

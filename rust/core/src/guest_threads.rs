@@ -1,8 +1,9 @@
 //! The "threads" guest: a native thread that behaves like the reference VMM's
 //! KVM guest on the shared [`layout`](crate::layout), for machines without KVM
-//! and for tests. While running it increments the heartbeat after every few
-//! pages it writes in the hot working set (one volatile 8-byte store per page
-//! dirties it) and bumps `HOT_PASSES` after each full pass.
+//! and for tests. While running it increments the heartbeat after every
+//! [`PAGES_PER_BEAT`] pages it writes in the hot working set (one volatile
+//! 8-byte store of the new heartbeat value per page dirties it) and bumps
+//! `HOT_PASSES` after each full pass.
 //!
 //! [`ThreadsGuest::pause`] is a real stop: once the thread acknowledges, it
 //! writes nothing more until resumed. The heartbeat and pass count live only in
@@ -10,7 +11,7 @@
 //! process adopting the same memfd continues from what is in memory; the
 //! position in the hot set travels in [`ThreadsGuest::save_state`].
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -73,7 +74,7 @@ pub struct ThreadsGuest {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Set once started; never cleared (a closed guest cannot restart).
-    started: std::sync::atomic::AtomicBool,
+    started: AtomicBool,
 }
 
 impl ThreadsGuest {
@@ -98,7 +99,7 @@ impl ThreadsGuest {
                 cv: Condvar::new(),
             }),
             thread: Mutex::new(None),
-            started: std::sync::atomic::AtomicBool::new(false),
+            started: AtomicBool::new(false),
         })
     }
 
@@ -180,14 +181,15 @@ impl ThreadsGuest {
     /// After `Some`, the thread writes nothing until [`ThreadsGuest::resume`].
     pub fn wait_parked(&self, ticket: &PauseTicket, timeout: Duration) -> Option<Duration> {
         let deadline = Instant::now() + timeout;
-        // The thread parks within one heartbeat (microseconds): spin briefly
-        // before sleeping on the condition variable.
-        let spin_until = Instant::now() + Duration::from_micros(200).min(timeout);
+        // A running thread parks within one heartbeat (well under a µs): poll
+        // briefly, yielding so a guest thread queued on our CPU gets to run,
+        // then sleep on the condition variable.
+        let spin_until = Instant::now() + Duration::from_micros(20).min(timeout);
         while Instant::now() < spin_until {
             if self.shared.parked_epoch.load(Ordering::Acquire) >= ticket.epoch {
                 return Some(ticket.requested.elapsed());
             }
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
         let mut ctl = lock(&self.shared.ctl);
         while ctl.parked_epoch < ticket.epoch {

@@ -4,6 +4,12 @@
 //! timestamps. The guest pause is the longest window in which the heartbeat
 //! did not move.
 //!
+//! A stall is measured conservatively, as the smallest window sure to contain
+//! it: from the last sample that still showed the value before the change that
+//! began it, to the first sample that showed the change that ended it. It
+//! exceeds the true stall by at most the two sampling intervals at its edges
+//! (normally well under a microsecond; `max_sample_gap_ns` bounds them).
+//!
 //! The memfd may be ours (by fd) or any process's, reopened through
 //! `/proc/PID/fd/N` (a QEMU with a memfd memory backend works the same way).
 //! [`Observer::retarget`] switches to another memfd while sampling, to follow
@@ -14,7 +20,7 @@
 
 use std::collections::BinaryHeap;
 use std::cmp::Reverse;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +34,8 @@ use crate::memfd::host_page_size;
 
 /// How many of the longest stalls a report keeps individually.
 pub const TOP_GAPS: usize = 64;
+/// The longest pause between samples [`Observer::new`] accepts (1 ms).
+pub const MAX_INTERVAL_NS: u64 = 1_000_000;
 /// Number of log2 histogram buckets; bucket `i` holds gaps below `1 µs << i`.
 const BUCKETS: usize = 48;
 
@@ -70,7 +78,7 @@ impl HeartbeatMap {
         }
         let owned: OwnedFd;
         let (fd, what) = match target {
-            Target::Fd(fd) => (*fd, format!("fd {fd:?}")),
+            Target::Fd(fd) => (*fd, format!("fd {}", fd.as_raw_fd())),
             Target::Path(path) => {
                 owned = rustix::fs::open(*path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                     .map_err(|e| Error::os(format!("open({})", path.display()), e))?;
@@ -138,7 +146,8 @@ pub struct Report {
     pub max_stall_ns: u64,
     /// When that window started.
     pub max_stall_at_ns: u64,
-    /// When the heartbeat was last seen to change.
+    /// The last change happened after this time (the sample before it still
+    /// showed the previous value): where a stall open now began.
     pub last_change_at_ns: u64,
     /// The heartbeat value last read.
     pub last_value: u64,
@@ -189,11 +198,13 @@ impl Stats {
         }
     }
 
-    fn record_change(&mut self, now: u64, value: u64) {
+    /// A change first seen at `seen`; the sample before it, at `before`, still
+    /// showed the previous value, so the change happened in `(before, seen]`.
+    fn record_change(&mut self, before: u64, seen: u64, value: u64) {
         if value < self.last_value {
             self.monotonic = false;
         }
-        let gap = now - self.last_change;
+        let gap = seen - self.last_change;
         let us = gap / 1000;
         let bucket = if us == 0 { 0 } else { (64 - us.leading_zeros() as usize).min(BUCKETS - 1) };
         self.hist[bucket] += 1;
@@ -205,7 +216,7 @@ impl Stats {
             self.top.push(entry);
         }
         self.changes += 1;
-        self.last_change = now;
+        self.last_change = before;
         self.last_value = value;
     }
 
@@ -270,13 +281,18 @@ pub struct Observer {
     interval_ns: u64,
     map: Mutex<Arc<HeartbeatMap>>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<u64>>>,
 }
 
 impl Observer {
     /// Map the page holding the u64 at `offset` of `target`. `interval_ns` = 0
     /// busy-polls; otherwise the thread sleeps that long between samples.
     pub fn new(target: &Target<'_>, offset: usize, interval_ns: u64) -> Result<Self> {
+        if interval_ns > MAX_INTERVAL_NS {
+            return Err(Error::InvalidArgument(format!(
+                "sampling interval {interval_ns} ns is above {MAX_INTERVAL_NS} ns: too coarse to measure a pause"
+            )));
+        }
         let map = HeartbeatMap::open(target, offset)?;
         Ok(Self {
             offset,
@@ -314,7 +330,7 @@ impl Observer {
         let shared = Arc::clone(&self.shared);
         let interval = self.interval_ns;
         let handle = std::thread::Builder::new()
-            .name("cprfast-observer".into())
+            .name("cprfast-obs".into())
             .spawn(move || sample(&shared, map, interval))
             .map_err(|e| Error::Os {
                 op: "spawn observer thread".into(),
@@ -339,10 +355,12 @@ impl Observer {
         let Some(handle) = handle else {
             return Err(Error::InvalidArgument("observer is not running".into()));
         };
-        let end = monotonic_ns();
+        // The window runs until now, or until the thread's last sample if it
+        // was taken later (a thread descheduled before its last look took it earlier).
+        let now = monotonic_ns();
         self.shared.stop.store(true, Ordering::Relaxed);
-        let _ = handle.join();
-        Ok(self.current_report(end))
+        let last = handle.join().unwrap_or(now);
+        Ok(self.current_report(now.max(last)))
     }
 
     fn current_report(&self, end: u64) -> Report {
@@ -387,9 +405,14 @@ fn tight_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
 }
 
-/// The sampling loop.
-fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
-    let (mut last, started) = {
+/// The sampling loop; returns the time of its last sample.
+///
+/// Every read is bracketed by the timestamps taken before it and before the
+/// next read, so a change seen by read `k` happened after `T[k-1]` (read `k-1`
+/// still showed the old value) and is recorded as seen at `T[k+1]`, even if
+/// the thread was descheduled between a read and a timestamp.
+fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) -> u64 {
+    let (mut last, mut prev_t) = {
         let stats = lock(&shared.stats);
         stats.as_ref().map_or((map.read(), monotonic_ns()), |s| (s.last_value, s.started_at))
     };
@@ -398,9 +421,25 @@ fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
     }
     let pause = std::time::Duration::from_nanos(interval_ns);
     let mut samples = 0u64;
-    let mut prev_t = started;
     let mut max_sample_gap = 0u64;
-    while !shared.stop.load(Ordering::Relaxed) {
+    // A change read but not yet recorded: (time before the previous read, value).
+    let mut pending: Option<(u64, u64)> = None;
+    loop {
+        let t = monotonic_ns();
+        if let Some((before, value)) = pending.take()
+            && let Some(s) = lock(&shared.stats).as_mut()
+        {
+            s.record_change(before, t, value);
+        }
+        if t - prev_t > max_sample_gap {
+            max_sample_gap = t - prev_t;
+            if let Some(s) = lock(&shared.stats).as_mut() {
+                s.max_sample_gap = max_sample_gap;
+            }
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return t;
+        }
         if shared.switch.load(Ordering::Acquire) {
             shared.switch.store(false, Ordering::Relaxed);
             if let Some(next) = lock(&shared.pending).take() {
@@ -409,22 +448,13 @@ fn sample(shared: &Shared, mut map: Arc<HeartbeatMap>, interval_ns: u64) {
             }
         }
         let v = map.read();
-        let t = monotonic_ns();
         samples += 1;
         shared.samples.store(samples, Ordering::Relaxed);
-        if t - prev_t > max_sample_gap {
-            max_sample_gap = t - prev_t;
-            if let Some(s) = lock(&shared.stats).as_mut() {
-                s.max_sample_gap = max_sample_gap;
-            }
-        }
-        prev_t = t;
         if v != last {
             last = v;
-            if let Some(s) = lock(&shared.stats).as_mut() {
-                s.record_change(t, v);
-            }
+            pending = Some((prev_t, v));
         }
+        prev_t = t;
         if interval_ns > 0 {
             std::thread::sleep(pause);
         } else {
@@ -487,7 +517,7 @@ mod tests {
         let mut t = 0;
         for i in 1..=200u64 {
             t += i * 1000;
-            s.record_change(t, i);
+            s.record_change(t, t, i);
         }
         let rep = s.report(t, 0);
         assert_eq!(rep.top_gaps.len(), TOP_GAPS);

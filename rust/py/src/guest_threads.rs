@@ -11,6 +11,8 @@ use pyo3::types::PyType;
 use crate::errors::PyResultCore;
 use crate::memfd::PyRegion;
 
+const _: () = assert!(layout::HOT_START == 0x10_0000, "update the text_signature below");
+
 /// A native thread keeping the heartbeat and dirtying the hot set of a region.
 #[pyclass(name = "ThreadsGuest", module = "cprfast._core", frozen)]
 pub struct PyThreadsGuest {
@@ -21,6 +23,7 @@ pub struct PyThreadsGuest {
 impl PyThreadsGuest {
     #[new]
     #[pyo3(signature = (region, hot_start = layout::HOT_START, hot_len = 64 << 20))]
+    #[pyo3(text_signature = "(region, hot_start=0x100000, hot_len=0x4000000)")]
     fn new(region: &Bound<'_, PyRegion>, hot_start: usize, hot_len: usize) -> PyResult<Self> {
         let mapping = region.get().mapping()?;
         let inner = ThreadsGuest::new(mapping, hot_start, hot_len).map_err(crate::errors::CoreError)?;

@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 
 use crate::errors::PyResultCore;
 
+const _: () = assert!(layout::HEARTBEAT == 0x1000, "update the text_signature below");
+
 /// A memfd given as an open fd number or as a path (e.g. `/proc/PID/fd/N`).
 #[derive(FromPyObject)]
 pub enum PathOrFd {
@@ -44,7 +46,8 @@ pub struct PyObserverReport {
 
 #[pymethods]
 impl PyObserverReport {
-    /// The longest window in which the heartbeat did not move: the guest pause.
+    /// The longest window in which the heartbeat did not move: the guest pause
+    /// (conservative: the smallest window sure to contain it).
     #[getter]
     fn max_stall_ns(&self) -> u64 {
         self.inner.max_stall_ns
@@ -79,7 +82,7 @@ impl PyObserverReport {
     fn started_at_ns(&self) -> u64 {
         self.inner.started_at_ns
     }
-    /// When the heartbeat was last seen to change, relative to the start.
+    /// The last change happened after this time (relative): where an open stall began.
     #[getter]
     fn last_change_at_ns(&self) -> u64 {
         self.inner.last_change_at_ns
@@ -133,6 +136,7 @@ pub struct PyObserver {
 impl PyObserver {
     #[new]
     #[pyo3(signature = (path_or_fd, offset = layout::HEARTBEAT, *, interval_ns = 0))]
+    #[pyo3(text_signature = "(path_or_fd, offset=0x1000, *, interval_ns=0)")]
     fn new(py: Python<'_>, path_or_fd: PathOrFd, offset: usize, interval_ns: u64) -> PyResultCore<Self> {
         let inner = py.detach(|| path_or_fd.with(|t| Observer::new(t, offset, interval_ns)))?;
         Ok(Self { inner })

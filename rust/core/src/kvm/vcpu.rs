@@ -199,7 +199,7 @@ impl Vcpu {
     /// Lock the control block and check that no thread is in `KVM_RUN`.
     fn quiescent(&self, what: &str) -> Result<MutexGuard<'_, Ctl>> {
         let c = self.shared.lock();
-        if c.parked {
+        if c.exited || (c.parked && c.want != Want::Run) {
             Ok(c)
         } else {
             Err(Error::InvalidArgument(format!("{what} needs the vCPU paused or not started")))
