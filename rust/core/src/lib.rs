@@ -16,10 +16,10 @@ pub mod guest_threads;
 pub mod kvm;
 pub mod layout;
 pub mod memfd;
+pub mod observe;
+pub mod pagestream;
 pub mod probe;
 pub mod scm;
 pub mod wait;
-pub mod observe;
-pub mod pagestream;
 
 pub use error::{Errno, Error, Result};

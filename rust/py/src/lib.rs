@@ -7,11 +7,11 @@ mod errors;
 mod guest_threads;
 mod kvm;
 mod memfd;
+mod observe;
+mod pagestream;
 mod probe;
 mod scm;
 mod wait;
-mod observe;
-mod pagestream;
 
 /// The extension module.
 #[pyo3::pymodule(gil_used = false)]
@@ -37,10 +37,10 @@ mod _core {
     use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
 
     #[pymodule_export]
-    use crate::observe::{PyObserver, PyObserverReport};
+    use crate::kvm::{PyKvmVm, probe_kvm};
 
     #[pymodule_export]
-    use crate::kvm::{PyKvmVm, probe_kvm};
+    use crate::observe::{PyObserver, PyObserverReport};
 
     #[pymodule_export]
     use crate::pagestream::{
