@@ -1,1 +1,110 @@
-"""The migration modes' drivers (one module per mode)."""
+"""The CPR modes that keep guest RAM in place: cpr-transfer and cpr-exec.
+
+A VMM hands its migration object and a :class:`CprHost` (its fd registry, its
+devices, and which fds are guest RAM) to :func:`register`; from then on QMP
+``migrate`` with ``mode`` cpr-transfer or cpr-exec live-updates it. RAM never
+travels on the main channel in these modes: it stays in its memfds, whose fds
+are handed over (cpr-transfer) or kept across ``exec`` (cpr-exec); the main
+channel carries only device state, headed by the source's run state.
+
+This module stays small on purpose: a cpr-exec successor imports it before it
+resumes the guest, so nothing here may pull in the QMP server or NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Protocol
+
+from cprfast.errors import StreamError
+from cprfast.stream import Section, StreamWriter, read_stream
+
+if TYPE_CHECKING:
+    from cprfast.cpr_state import CprState
+    from cprfast.devices import DeviceRegistry
+    from cprfast.migration import MigrationState
+    from cprfast.modes.transfer import TransferTarget
+
+RUN_STATE_SECTION = "cprfast/run-state"
+"""The first section of a CPR main stream: the source VM's run state before it stopped."""
+
+
+class CprHost(Protocol):
+    """What the CPR modes need from a VMM."""
+
+    @property
+    def cpr(self) -> CprState:
+        """Every preserved fd, guest RAM included (the registry owns them)."""
+        ...
+
+    @property
+    def devices(self) -> DeviceRegistry:
+        """The devices whose state travels on the main channel."""
+        ...
+
+    @property
+    def ram_keys(self) -> Collection[tuple[str, int]]:
+        """The ``(name, id)`` keys in :attr:`cpr` that are guest RAM: passive memory that
+        cpr-transfer may hand over while the guest still runs."""
+        ...
+
+
+def write_main(fd: int, devices: DeviceRegistry, run_state: str) -> int:
+    """Write a CPR main stream (run state, then every device; no RAM); returns its bytes."""
+    writer = StreamWriter(fd)
+    writer.device(Section(RUN_STATE_SECTION, 0, 1, run_state.encode()))
+    for section in devices.save():
+        writer.device(section)
+    writer.end()
+    return writer.bytes
+
+
+def _no_ram(name: str, fd: int) -> None:
+    raise StreamError(f"CPR main stream carries RAM section {name!r}: RAM must stay in place")
+
+
+def read_main(fd: int, devices: DeviceRegistry) -> str:
+    """Read and verify a whole CPR main stream, then load the devices; returns the source run state."""
+    sections = read_stream(fd, _no_ram)
+    if not sections or sections[0].name != RUN_STATE_SECTION:
+        raise StreamError(f"CPR main stream does not start with the {RUN_STATE_SECTION!r} section")
+    devices.load(sections[1:])
+    return sections[0].payload.decode()
+
+
+class PreStopState:
+    """The VM's run state just before a migration stopped it (what the target resumes into)."""
+
+    def __init__(self, migration: MigrationState) -> None:
+        self.value = str(migration.run_state)
+        migration.subscribe_run_state(self._changed)
+
+    def _changed(self, old: str, new: str) -> None:
+        if new == "finish-migrate":
+            self.value = str(old)
+
+
+def register(
+    migration: MigrationState, host: CprHost, *, transfer_target: TransferTarget | None = None
+) -> None:
+    """Register the cpr-transfer and cpr-exec drivers on ``migration``.
+
+    Outgoing drivers for both modes; the cpr-exec incoming driver (for a successor
+    started with ``-incoming defer``); and, on a cpr-transfer target, the incoming
+    driver that finishes what ``transfer_target`` began at start-up.
+    """
+    from cprfast.modes.exec import ExecDriver, ExecIncoming
+    from cprfast.modes.transfer import TransferDriver, TransferIncoming
+    from cprfast.status import MigMode
+
+    pre_stop = PreStopState(migration)
+    migration.register_mode_driver(MigMode.CPR_TRANSFER, TransferDriver(host, pre_stop))
+    migration.register_mode_driver(MigMode.CPR_EXEC, ExecDriver(host, pre_stop))
+    migration.register_incoming_driver(MigMode.CPR_EXEC, ExecIncoming(host))
+    if transfer_target is not None:
+        migration.register_incoming_driver(
+            MigMode.CPR_TRANSFER, TransferIncoming(transfer_target, host, migration)
+        )
+
+
+__all__ = ["RUN_STATE_SECTION", "CprHost", "PreStopState", "read_main", "register", "write_main"]

@@ -1,0 +1,125 @@
+"""``cprfast-vmm``: the reference VMM's QEMU-like command line and start-up.
+
+    cprfast-vmm -m 1G [--guest kvm|threads|auto] [--hot 64M]
+                [-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]...
+
+``-incoming`` takes a URI, a QEMU JSON channel (``{"channel-type": "cpr", ...}``)
+or ``defer``, and may be repeated (a main and a cpr channel). Start-up follows
+QEMU: incoming CPR state is loaded before any device exists. A live-updated
+guest resumes before the migration machinery and the QMP server are even
+imported, so the pause holds only what the guest needs to run.
+
+Parsing is by hand (no argparse): this runs on a cpr-exec successor's pause path.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from cprfast.errors import CprError
+
+USAGE = (
+    "usage: cprfast-vmm -m SIZE [--guest kvm|threads|auto] [--hot SIZE] "
+    "[-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]..."
+)
+_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_RAM = 16 << 30
+
+
+class UsageError(CprError):
+    """A bad command line."""
+
+
+def parse_size(text: str, what: str) -> int:
+    """QEMU's ``-m`` sizes: a number with an optional B/K/M/G/T suffix; no suffix means MiB."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    number = text[: len(text) - len(unit)]
+    if unit not in _UNITS or not number.isdigit():
+        raise UsageError(f"{what}: bad size {text!r} (e.g. 512M, 1G)")
+    return int(number) * _UNITS[unit]
+
+
+def parse_qmp(spec: str) -> str:
+    """``unix:PATH,server=on,wait=off`` -> PATH (we always listen and never wait for a client)."""
+    if not spec.startswith("unix:"):
+        raise UsageError(f"-qmp: only unix: sockets are supported, not {spec!r}")
+    path, *opts = spec[5:].split(",")
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if (key, value) in (("server", "on"), ("server", ""), ("wait", "off"), ("nowait", "")):
+            continue
+        raise UsageError(f"-qmp: unsupported option {opt!r} (server=on,wait=off is what this VMM does)")
+    if not path:
+        raise UsageError("-qmp: empty socket path")
+    return path
+
+
+@dataclass
+class Config:
+    """A parsed command line."""
+
+    ram_size: int = 128 << 20
+    hot_size: int = 64 << 20
+    guest: str = "auto"
+    qmp: str | None = None
+    incoming: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Parse the command line (QEMU's single-dash options, plus ``--guest`` and ``--hot``)."""
+    cfg = Config()
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            raise UsageError(USAGE)
+        opt = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if opt not in ("-m", "-qmp", "-incoming", "--guest", "--hot"):
+            raise UsageError(f"unknown option {arg!r}\n{USAGE}")
+        if arg.startswith("--") and "=" in arg:
+            value = arg.split("=", 1)[1]
+        else:
+            value = next(args, None)  # type: ignore[arg-type]
+            if value is None:
+                raise UsageError(f"{opt} needs a value\n{USAGE}")
+        if opt == "-m":
+            cfg.ram_size = parse_size(value, "-m")
+            if not 2 << 20 <= cfg.ram_size <= MAX_RAM:
+                raise UsageError(f"-m: guest RAM must be between 2M and 16G, not {value}")
+        elif opt == "--hot":
+            cfg.hot_size = parse_size(value, "--hot")
+        elif opt == "--guest":
+            if value not in ("kvm", "threads", "auto"):
+                raise UsageError(f"--guest must be kvm, threads or auto, not {value!r}")
+            cfg.guest = value
+        elif opt == "-qmp":
+            cfg.qmp = parse_qmp(value)
+        else:
+            cfg.incoming.append(value)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the reference VMM until QMP ``quit``; returns the exit status."""
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        from cprfast.vmm.launch import launch
+
+        machine = launch(cfg)
+    except (CprError, OSError, ValueError) as e:
+        sys.stderr.write(f"cprfast-vmm: {e}\n")
+        return 1
+    try:
+        if machine.qmp is not None:
+            import asyncio
+
+            asyncio.run(machine.qmp.serve_forever())
+        else:
+            import threading
+
+            threading.Event().wait()  # no monitor: run until killed
+    except KeyboardInterrupt:
+        pass
+    finally:
+        machine.close()
+    return 0

@@ -1,0 +1,97 @@
+"""The reference VMM's devices: one with state on the main channel, one with a preserved fd.
+
+- :class:`Doorbell` keeps a ring counter and the last messages; its state
+  travels on the main channel. While "held" (a ring in flight) it vetoes a
+  migration in PRECOPY_SETUP, the way a VFIO device refuses a mode it cannot do.
+- :class:`Console` owns a pipe, a kernel object that must survive the update:
+  bytes written into it by (or through) the old process are read by the new
+  one, because the new process adopts the very same pipe from the CPR state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+from cprfast.devices import DeviceRegistry
+
+if TYPE_CHECKING:
+    from cprfast.cpr_state import CprState
+
+MAX_LOG = 16
+
+
+class Doorbell:
+    """Rings counted and logged; state on the main channel (``doorbell``, version 1)."""
+
+    NAME = "doorbell"
+    VERSION = 1
+
+    def __init__(self) -> None:
+        self.rings = 0
+        self.log: list[str] = []
+        self.hold: str | None = None
+
+    def ring(self, message: str) -> int:
+        """Ring once; returns the new count."""
+        self.rings += 1
+        self.log = [*self.log, message][-MAX_LOG:]
+        return self.rings
+
+    def save_state(self) -> bytes:
+        """Counter and log, as JSON."""
+        return json.dumps({"rings": self.rings, "log": self.log}).encode()
+
+    def load_state(self, data: bytes, version: int) -> None:
+        """Adopt the predecessor's counter and log."""
+        state = json.loads(data)
+        self.rings = int(state["rings"])
+        self.log = [str(m) for m in state["log"]][-MAX_LOG:]
+
+    def notifier(self, event: object, mode: object) -> str | None:
+        """Migration notifier: refuse PRECOPY_SETUP while a ring is held."""
+        if getattr(event, "name", None) == "PRECOPY_SETUP" and self.hold is not None:
+            return f"doorbell: {self.hold}"
+        return None
+
+    def query(self) -> dict[str, object]:
+        """What ``x-query-guest`` shows of it."""
+        return {"rings": self.rings, "log": list(self.log), "hold": self.hold}
+
+
+class Console:
+    """A pipe preserved across live updates (CPR fds ``console`` ids 0 = read end, 1 = write end)."""
+
+    NAME = "console"
+
+    def __init__(self, cpr: CprState) -> None:
+        found = [cpr.find_fd(self.NAME, i) for i in (0, 1)]
+        if None in found:
+            for i in (0, 1):
+                cpr.delete_fd(self.NAME, i)
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            found = [
+                DeviceRegistry.preserved_fd(cpr, self.NAME, lambda: r, instance=0),
+                DeviceRegistry.preserved_fd(cpr, self.NAME, lambda: w, instance=1),
+            ]
+        self.read_fd, self.write_fd = (fd for fd in found if fd is not None)
+
+    def read(self, limit: int = 65536) -> bytes:
+        """Whatever is in the pipe now (non-blocking)."""
+        try:
+            return os.read(self.read_fd, limit)
+        except BlockingIOError:
+            return b""
+
+    def write(self, data: bytes) -> int:
+        """Write into the pipe; returns the bytes written."""
+        return os.write(self.write_fd, data)
+
+    def query(self) -> dict[str, object]:
+        """fd numbers and the pipe's identity (``pipe:[inode]``), the same in old and new process."""
+        return {
+            "read-fd": self.read_fd,
+            "write-fd": self.write_fd,
+            "pipe": os.readlink(f"/proc/self/fd/{self.read_fd}"),
+        }
