@@ -8,8 +8,10 @@ import socket
 import time
 from pathlib import Path
 
+import _vmm as ref
 import numpy as np
 import pytest
+from _vmm import guest_kinds, vmms
 from vmm_client import Vmm, kvm_or_skip
 
 RAM = 128 << 20
@@ -169,3 +171,33 @@ def test_target_killed_mid_stream(tmp_path: Path) -> None:
     finally:
         src.close()
         dst.close()
+
+
+# --------------------------------------------------------------- with the reference VMM (python -m cprfast.vmm)
+
+
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_reference_vmm_precopy(tmp_path: Path, guest: str) -> None:
+    """The reference VMM migrates with mode normal: RAM pattern, heartbeat and device state arrive."""
+    uri = f"unix:{tmp_path}/main.sock"
+    with vmms() as procs:
+        dst = ref.Vmm(tmp_path, "dst", "-m", "256M", "--hot", "64M", "--guest", guest, "-incoming", uri)
+        procs.append(dst)
+        src = ref.Vmm(tmp_path, "src", "-m", "256M", "--hot", "64M", "--guest", guest)
+        procs.append(src)
+        src.wait_heartbeat_moves()
+        src.cmd("x-doorbell", message="one")
+        with ref.ram_of(src) as ram:
+            ref.fill_cold(ram, HOT)
+            cold = ref.cold_checksums(ram, HOT)
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+        src.cmd("migrate", uri=uri)
+        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        ref.wait_until(lambda: dst.status() == "running", what="target running")
+        after_src, after_dst = src.guest(), dst.guest()
+        assert src.status() == "postmigrate" and not after_src["running"]
+        assert after_dst["heartbeat-at-start"] == after_src["heartbeat-at-stop"]
+        assert dst.wait_heartbeat_moves() > after_src["heartbeat-at-stop"]
+        assert after_dst["doorbell"]["log"] == ["one"]
+        with ref.ram_of(dst) as ram:
+            np.testing.assert_array_equal(ref.cold_checksums(ram, HOT), cold)

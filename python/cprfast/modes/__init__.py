@@ -14,7 +14,7 @@ resumes the guest, so nothing here may pull in the QMP server or NumPy.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cprfast.errors import StreamError
 from cprfast.stream import Section, StreamWriter, read_stream
@@ -93,10 +93,13 @@ def register(
     started with ``-incoming defer``); and, on a cpr-transfer target, the incoming
     driver that finishes what ``transfer_target`` began at start-up.
     """
+    from cprfast.modes import precopy, reboot
     from cprfast.modes.exec import ExecDriver, ExecIncoming
     from cprfast.modes.transfer import TransferDriver, TransferIncoming
     from cprfast.status import MigMode
 
+    precopy.register(migration, cast("precopy.RamHost", host))
+    reboot.register(migration, cast("precopy.RamHost", host))
     pre_stop = PreStopState(migration)
     migration.register_mode_driver(MigMode.CPR_TRANSFER, TransferDriver(host, pre_stop))
     migration.register_mode_driver(MigMode.CPR_EXEC, ExecDriver(host, pre_stop))
