@@ -101,6 +101,35 @@ def test_precopy_to_file_and_exec(tmp_path: Path, transport: str) -> None:
         src.close()
 
 
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+def test_precopy_over_inherited_fd(tmp_path: Path, kind: str) -> None:
+    """``fd:N`` on both sides: an inherited connected socket (or a pipe) carries the stream."""
+    a, b = socket.socketpair() if kind == "socketpair" else (None, None)
+    r, w = (b.fileno(), a.fileno()) if a is not None and b is not None else os.pipe()
+    common = ["--ram", str(RAM), "--hot", str(HOT)]
+    try:
+        dst = Vmm(tmp_path, "dst", *common, "--incoming", f"fd:{r}", "--start-sums", str(tmp_path / "dst.npy"),
+                  pass_fds=(r,))
+        src = Vmm(tmp_path, "src", *common, "--postmigrate-sums", str(tmp_path / "src.npy"), pass_fds=(w,))
+    finally:
+        for s in (a, b):
+            if s is not None:
+                s.close()
+        if a is None:
+            os.close(r)
+            os.close(w)
+    try:
+        src.cmd("x-set-blob", data="device state")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+        src.cmd("migrate", uri=f"fd:{w}")
+        assert src.wait_status({"completed", "failed"})["status"] == "completed"
+        assert dst.wait_status({"completed", "failed"})["status"] == "completed"
+        _check_switchover(tmp_path, src, dst)
+    finally:
+        src.close()
+        dst.close()
+
+
 def _cold_pages(sums: np.ndarray) -> np.ndarray:
     """Checksums of pages no guest writes: above the hot set (below it a KVM guest has its
     stack, page tables with accessed/dirty bits, and the heartbeat)."""

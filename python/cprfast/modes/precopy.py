@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -108,6 +109,12 @@ def open_outgoing(addr: ch.MigrationAddress, register: Callable[[socket.socket],
     elif isinstance(addr, ch.ExecAddress):
         with _child(addr, write=True) as pipe:
             yield pipe.fileno()
+    elif isinstance(addr, ch.FdAddress) and not _is_socket(_inherited(addr)):
+        fd = _inherited(addr)
+        try:  # a pipe or a file: written as a stream, then closed (QEMU owns an fd: channel too)
+            yield fd
+        finally:
+            os.close(fd)
     else:
         sock = ch.connect(addr, timeout=10.0)
         register(sock)
@@ -127,11 +134,38 @@ def open_incoming(addr: ch.MigrationAddress) -> Iterator[int]:
     elif isinstance(addr, ch.ExecAddress):
         with _child(addr, write=False) as pipe:
             yield pipe.fileno()
+    elif isinstance(addr, ch.FdAddress) and not _is_listening(_inherited(addr)):
+        fd = _inherited(addr)
+        try:  # QEMU reads an fd: main channel directly (a connected socket or a pipe)
+            yield fd
+        finally:
+            os.close(fd)
     else:
         with ch.listen(addr) as listener:
             sock = listener.accept()
         with sock:
             yield sock.fileno()
+
+
+def _inherited(addr: ch.FdAddress) -> int:
+    if isinstance(addr.fd, str):
+        raise MigrationError(f"{addr.uri}: named monitor fds are not supported here; pass an fd number")
+    try:
+        os.fstat(addr.fd)
+    except OSError as e:
+        raise MigrationError(f"{addr.uri}: fd {addr.fd} is not open: {e.strerror}") from None
+    return addr.fd
+
+
+def _is_socket(fd: int) -> bool:
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+def _is_listening(fd: int) -> bool:
+    if not _is_socket(fd):
+        return False
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 @contextlib.contextmanager
