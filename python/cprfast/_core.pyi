@@ -341,10 +341,10 @@ def send_pages(
     dirty: npt.NDArray[np.uint64] | None = None,
     bandwidth: int = 0,
     progress: StreamProgress | None = None,
-    channels: Sequence[int] = ...,
+    channels: Sequence[int] = (),
 ) -> StreamStats: ...
 def recv_pages(
-    region: Region, fd: int, *, progress: StreamProgress | None = None, channels: Sequence[int] = ...
+    region: Region, fd: int, *, progress: StreamProgress | None = None, channels: Sequence[int] = ()
 ) -> StreamStats: ...
 def save_mapped(
     region: Region,
