@@ -83,6 +83,16 @@ class Vmm:
                 raise TimeoutError(f"migration status stayed {info}")
             time.sleep(0.02)
 
+    def heartbeat_moves(self, timeout: float = 20.0) -> bool:
+        """Whether the guest's heartbeat advances within ``timeout`` seconds (generous: shared machines)."""
+        start = self.cmd("x-query")["heartbeat"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+            if self.cmd("x-query")["heartbeat"] > start:
+                return True
+        return False
+
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
