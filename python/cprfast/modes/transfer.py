@@ -58,7 +58,7 @@ def _recv_ack(sock: socket.socket, ctx: MigrationContext, what: str) -> bytes:
         data = sock.recv(1)
     except OSError as e:
         ctx.check_cancelled()
-        raise MigrationError(f"cpr-transfer: waiting for the target {what}: {e}") from e
+        raise MigrationError(f"cpr-transfer: the target closed the connection before {what} ({e.strerror})") from e
     if not data:
         ctx.check_cancelled()
         raise MigrationError(f"cpr-transfer: the target closed the connection before {what}")
