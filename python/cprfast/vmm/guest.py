@@ -102,6 +102,17 @@ class Guest:
         """Whether the vCPU runs now."""
         return self._started and self._impl().running
 
+    def dirty_log(self, on: bool) -> tuple[int, int] | None:
+        """Switch KVM dirty logging on slot 0; return (vm fd, slot) for the tracker, or None.
+
+        Only a KVM guest has a dirty log: a threads guest's writes are tracked by the
+        kernel (userfaultfd write-protect + PAGEMAP_SCAN) instead.
+        """
+        if self._vm is None:
+            return None
+        self._vm.set_dirty_log(0, on)
+        return (self._vm.fileno(), 0) if on else None
+
     def save_state(self) -> bytes:
         """The vCPU state (device ``cpu`` on the main channel); the guest must be paused."""
         return bytes(self._impl().save_state())

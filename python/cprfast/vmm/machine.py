@@ -146,6 +146,10 @@ class Machine:
             self.guest.resume()
             self.timeline["resumed"] = time.monotonic_ns()
 
+    def dirty_log(self, on: bool) -> tuple[int, int] | None:
+        """For normal migration: the KVM dirty log of guest RAM, when the guest is KVM."""
+        return self.guest.dirty_log(on)
+
     def resume_loaded(self, run_state: str) -> None:
         """Start a guest whose state was just loaded, if its predecessor was running it."""
         self.vm_start(run_state)  # type: ignore[arg-type]
