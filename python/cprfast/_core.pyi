@@ -19,6 +19,8 @@ __all__ = [
     "DirtyBitmap",
     "DirtySet",
     "KvmVm",
+    "load_mapped",
+    "mapped_file_size",
     "Observer",
     "ObserverReport",
     "peer_credentials",
@@ -26,11 +28,16 @@ __all__ = [
     "probe_kvm",
     "probe_write_tracking",
     "recv_fds",
+    "recv_pages",
     "recvmsg_fds",
     "Region",
+    "save_mapped",
     "SCM_MAX_FD",
     "send_fds",
+    "send_pages",
     "sendmsg_fds",
+    "StreamProgress",
+    "StreamStats",
     "ThreadsGuest",
     "Tracker",
     "UnixListener",
@@ -295,3 +302,60 @@ class ThreadsGuest:
         _exc: BaseException | None = None,
         _tb: TracebackType | None = None,
     ) -> None: ...
+
+# --- page streaming and the mapped-ram save file (rust/py/src/pagestream.rs) ---
+
+@final
+class StreamProgress:
+    """Counters of a running send/recv/save/load, readable from another thread."""
+
+    def __new__(cls) -> StreamProgress: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def pages(self) -> int: ...
+    @property
+    def zero_pages(self) -> int: ...
+    @property
+    def chunks(self) -> int: ...
+
+@final
+class StreamStats:
+    """Totals of a finished send/recv/save/load."""
+
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def pages(self) -> int: ...
+    @property
+    def zero_pages(self) -> int: ...
+    @property
+    def chunks(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+
+def send_pages(
+    region: Region,
+    fd: int,
+    *,
+    dirty: npt.NDArray[np.uint64] | None = None,
+    bandwidth: int = 0,
+    progress: StreamProgress | None = None,
+    channels: Sequence[int] = (),
+) -> StreamStats: ...
+def recv_pages(
+    region: Region, fd: int, *, progress: StreamProgress | None = None, channels: Sequence[int] = ()
+) -> StreamStats: ...
+def save_mapped(
+    region: Region,
+    fd: int,
+    offset: int = 0,
+    *,
+    dirty: npt.NDArray[np.uint64] | None = None,
+    threads: int = 0,
+    progress: StreamProgress | None = None,
+) -> StreamStats: ...
+def load_mapped(
+    region: Region, fd: int, offset: int = 0, *, threads: int = 0, progress: StreamProgress | None = None
+) -> StreamStats: ...
+def mapped_file_size(region_size: int, page_size: int | None = None) -> int: ...

@@ -17,6 +17,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memfd;
 pub mod observe;
+pub mod pagestream;
 pub mod probe;
 pub mod scm;
 pub mod wait;

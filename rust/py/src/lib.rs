@@ -8,6 +8,7 @@ mod guest_threads;
 mod kvm;
 mod memfd;
 mod observe;
+mod pagestream;
 mod probe;
 mod scm;
 mod wait;
@@ -40,6 +41,11 @@ mod _core {
 
     #[pymodule_export]
     use crate::observe::{PyObserver, PyObserverReport};
+
+    #[pymodule_export]
+    use crate::pagestream::{
+        PyStreamProgress, PyStreamStats, load_mapped, mapped_file_size, recv_pages, save_mapped, send_pages,
+    };
 
     /// Version of the Rust core, to check that the extension matches the package.
     #[pyfunction]
