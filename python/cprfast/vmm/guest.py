@@ -102,6 +102,13 @@ class Guest:
         """Whether the vCPU runs now."""
         return self._started and self._impl().running
 
+    def dirty_log(self, on: bool) -> tuple[int, int] | None:
+        """Switch the KVM dirty log of the RAM slot (0); ``(vm_fd, slot)``, or None for a threads guest."""
+        if self._vm is None:
+            return None
+        self._vm.set_dirty_log(0, on)
+        return (self._vm.fileno(), 0)
+
     def save_state(self) -> bytes:
         """The vCPU state (device ``cpu`` on the main channel); the guest must be paused."""
         return bytes(self._impl().save_state())

@@ -101,6 +101,10 @@ class Machine:
             incoming_mode=MigMode(incoming_mode) if incoming_mode is not None else None,
         )
         modes.register(self.migration, self, transfer_target=transfer_target)
+        from cprfast.modes import precopy, reboot
+
+        precopy.register(self.migration, self)
+        reboot.register(self.migration, self)
         self.migration.notifiers.add(self.doorbell.notifier, ALL_MODES)
         return self.migration
 
@@ -144,6 +148,10 @@ class Machine:
     def resume_loaded(self, run_state: str) -> None:
         """Start a guest whose state was just loaded, if its predecessor was running it."""
         self.vm_start(run_state)  # type: ignore[arg-type]
+
+    def dirty_log(self, on: bool) -> tuple[int, int] | None:
+        """The KVM dirty log for a normal migration (None for a threads guest: uffd-wp tracks it)."""
+        return self.guest.dirty_log(on)
 
     # ------------------------------------------------------------------ QMP commands
 
