@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+MODES = ("cpr-transfer", "cpr-exec", "cpr-reboot", "normal")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one subcommand; return the exit status."""
@@ -13,7 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="report what this kernel offers, and why not when it does not")
     info.add_argument("--json", action="store_true", help="print the probe results as JSON")
-    sub.add_parser("demo", help="hand a memfd to a child process over SCM_RIGHTS and back")
+    demo = sub.add_parser("demo", help="live-update the reference VMM through every mode, observed from outside")
+    demo.add_argument("--mem", default="1G", help="guest RAM (e.g. 512M, 1G, 16G; default 1G)")
+    demo.add_argument("--hot", default="64M", help="the working set the guest keeps dirtying (default 64M)")
+    demo.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, in order (default {','.join(MODES)})")
+    demo.add_argument("--guest", choices=("auto", "kvm", "threads"), default="auto", help="guest kind (default auto)")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.command == "info":
         from cprfast import __version__
@@ -26,7 +33,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(render(results))
     elif args.command == "demo":
-        from cprfast.demo import run
-
-        sys.stdout.write(run().render())
+        return _demo(parser, args)
     return 0
+
+
+def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from cprfast import demo
+    from cprfast.vmm.cli import UsageError, parse_size
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    try:
+        if bad or not modes:
+            raise UsageError(f"--modes: unknown mode(s) {bad} (choose from {', '.join(MODES)})")
+        mem, hot = parse_size(args.mem, "--mem"), parse_size(args.hot, "--hot")
+    except UsageError as e:
+        parser.error(str(e))
+    try:
+        results = demo.run(mem, modes, args.guest, hot, demo.stderr_progress())
+    except KeyboardInterrupt:
+        sys.stderr.write("cprfast demo: interrupted (every VMM stopped, work directory removed)\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; the VMM log is in the message
+        sys.stderr.write(f"cprfast demo: failed: {e}\n")
+        return 1
+    sys.stdout.write(demo.as_json(results) + "\n" if args.json else demo.render(results))
+    return 0 if all(r.ok for r in results) else 1
