@@ -313,15 +313,17 @@ class _Follower:
         finally:
             self.done.set()
 
-    def close(self, timeout: float) -> None:
-        """Wait for the switch (raise if it did not happen), then stop."""
+    def wait(self, timeout: float) -> None:
+        """Wait for the switch; raise if it did not happen."""
         if not self.done.wait(timeout):
-            self._stop.set()
-            self._thread.join()
             raise RuntimeError("the target's guest heartbeat never passed the source's")
-        self._thread.join()
         if self.error is not None:
             raise RuntimeError(f"following the migration failed: {self.error}") from self.error
+
+    def stop(self) -> None:
+        """End the thread (at once, whether or not it switched)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _wait(pred: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
@@ -371,13 +373,13 @@ class LiveGuest:
     def __enter__(self) -> LiveGuest:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(graceful=exc_type is None)
 
-    def close(self) -> None:
-        """Quit the current VMM, kill any other, remove the work directory."""
+    def close(self, graceful: bool = True) -> None:
+        """Quit the current VMM (``graceful``), kill every other, remove the work directory."""
         for vmm in reversed(self._vmms):
-            if vmm is self.vmm and vmm.proc.poll() is None and sys.exc_info()[0] is None:
+            if graceful and vmm is self.vmm:
                 vmm.quit()
             vmm.kill()
         self._vmms.clear()
@@ -534,8 +536,9 @@ class LiveGuest:
             dst.cmd("migrate-incoming", uri=f"file:{save}")
             _completed(dst, "cpr-reboot restore")
             total = self._ready(dst, start)
+            follower.wait(TIMEOUT)
         finally:
-            follower.close(TIMEOUT)
+            follower.stop()
         size = save.stat().st_blocks * 512
         save.unlink()
         stopped = src.guest()["heartbeat-at-stop"]
@@ -557,8 +560,9 @@ class LiveGuest:
             src.cmd("migrate", uri=uri)
             info = _completed(src, "normal migration", record)
             total = self._ready(dst, start)
+            follower.wait(TIMEOUT)
         finally:
-            follower.close(TIMEOUT)
+            follower.stop()
         return dst, {
             "total_ms": total,
             "bytes": info["ram"]["transferred"],
