@@ -1,0 +1,166 @@
+"""cpr-reboot: save to a file, exit, restore in a new process (tests/ram_vmm.py over QMP)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from vmm_client import Vmm, kvm_or_skip
+
+RAM = 128 << 20
+HOT = 64 << 20
+HOT_START = 0x10_0000
+KINDS = ["threads", "kvm"]
+
+
+def _source(tmp: Path, kind: str = "threads") -> Vmm:
+    src = Vmm(tmp, "src", "--ram", str(RAM), "--hot", str(HOT), "--guest", kind,
+              "--postmigrate-sums", str(tmp / "src.npy"))
+    src.cmd("x-set-blob", data="device state")
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    return src
+
+
+def _restore(tmp: Path, uri: str, kind: str = "threads") -> Vmm:
+    dst = Vmm(tmp, "dst", "--ram", str(RAM), "--hot", str(HOT), "--guest", kind, "--incoming", "defer",
+              "--start-sums", str(tmp / "dst.npy"))
+    dst.cmd("migrate-set-parameters", mode="cpr-reboot")
+    dst.cmd("migrate-incoming", uri=uri)
+    return dst
+
+
+def _save_and_exit(tmp: Path, src: Vmm, uri: str) -> None:
+    src.cmd("migrate", uri=uri)
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "completed", info
+    assert src.cmd("query-status")["status"] == "postmigrate"
+    ram = info["ram"]
+    assert ram["total"] == RAM and ram["normal"] > 0 and ram["normal"] + ram["duplicate"] == RAM // 4096
+    src.close()  # the old process is gone before the new one starts
+    assert src.proc.returncode is not None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reboot_save_and_restore(tmp_path: Path, kind: str) -> None:
+    kvm_or_skip(kind)
+    path = tmp_path / "vm.sav"
+    src = _source(tmp_path, kind)
+    time.sleep(0.2)
+    _save_and_exit(tmp_path, src, f"file:{path},offset=4096")
+    dst = _restore(tmp_path, f"file:{path},offset=4096", kind)
+    try:
+        assert dst.wait_status({"completed", "failed"})["status"] == "completed"
+        assert np.array_equal(np.load(tmp_path / "src.npy"), np.load(tmp_path / "dst.npy"))
+        assert dst.cmd("x-query")["blob"] == "device state"
+        assert dst.cmd("query-status")["status"] == "running"
+        beat = dst.cmd("x-query")["heartbeat"]
+        time.sleep(0.05)
+        assert dst.cmd("x-query")["heartbeat"] > beat
+    finally:
+        dst.close()
+
+
+def test_suspended_guest_stays_suspended(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sav"
+    src = _source(tmp_path)
+    src.cmd("x-suspend")
+    assert src.cmd("query-status")["status"] == "suspended"
+    _save_and_exit(tmp_path, src, f"file:{path}")
+    dst = _restore(tmp_path, f"file:{path}")
+    try:
+        assert dst.wait_status({"completed", "failed"})["status"] == "completed"
+        assert dst.cmd("query-status")["status"] == "suspended"
+        assert not dst.cmd("x-query")["running"]
+        dst.cmd("x-save-checksums", path=str(tmp_path / "dst.npy"))
+        assert np.array_equal(np.load(tmp_path / "src.npy"), np.load(tmp_path / "dst.npy"))
+    finally:
+        dst.close()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: far too small for 64M of guest data."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _check_failed_save(tmp: Path, src: Vmm, uri: str, fds: int, expect: str) -> None:
+    src.cmd("migrate", uri=uri)
+    info = src.wait_status({"completed", "failed"})
+    assert info["status"] == "failed", info
+    assert expect in info["error-desc"], info
+    assert src.cmd("query-status")["status"] == "running"
+    beat = src.cmd("x-query")["heartbeat"]
+    time.sleep(0.05)
+    assert src.cmd("x-query")["heartbeat"] > beat, "the guest was not resumed"
+    assert src.fd_count() == fds
+
+
+def test_disk_full(tmp_path: Path, tiny_tmpfs: Path) -> None:
+    src = _source(tmp_path)
+    try:
+        _check_failed_save(tmp_path, src, f"file:{tiny_tmpfs}/vm.sav", src.fd_count(), "No space left")
+    finally:
+        src.close()
+
+
+def test_unwritable_file(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    try:
+        _check_failed_save(tmp_path, src, f"file:{tmp_path}/missing/vm.sav", src.fd_count(), "No such file")
+    finally:
+        src.close()
+
+
+def test_x_ignore_shared_is_refused(tmp_path: Path) -> None:
+    """Our RAM is a memfd: leaving it out of the save would lose it, so the save fails instead."""
+    src = _source(tmp_path)
+    try:
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        _check_failed_save(tmp_path, src, f"file:{tmp_path}/vm.sav", src.fd_count(), "x-ignore-shared")
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("where", ["ram", "device", "truncated"])
+def test_corrupt_file_is_refused(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "vm.sav"
+    src = _source(tmp_path)
+    _save_and_exit(tmp_path, src, f"file:{path}")
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        if where == "truncated":
+            f.truncate(size - 100)
+        else:
+            data = f.read()
+            if where == "device":
+                at = data.rindex(b"device state")  # the blob device's payload
+            else:  # a byte of the hot set, in the mapped-ram save's page data
+                base = data.index(b"CPRMRAM1")
+                at = base + struct.unpack_from("<Q", data, base + 40)[0] + HOT_START + 100
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dst = _restore(tmp_path, f"file:{path}")
+    try:
+        info = dst.wait_status({"completed", "failed"})
+        assert info["status"] == "failed" and info["error-desc"], info
+        assert dst.cmd("query-status")["status"] == "inmigrate"
+        assert not dst.cmd("x-query")["running"]
+        assert not os.path.exists(tmp_path / "dst.npy"), "a guest was started from a corrupt save"
+    finally:
+        dst.close()
