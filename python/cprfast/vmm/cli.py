@@ -79,9 +79,10 @@ def parse_args(argv: list[str]) -> Config:
         if arg.startswith("--") and "=" in arg:
             value = arg.split("=", 1)[1]
         else:
-            value = next(args, None)  # type: ignore[arg-type]
-            if value is None:
+            following = next(args, None)
+            if following is None:
                 raise UsageError(f"{opt} needs a value\n{USAGE}")
+            value = following
         if opt == "-m":
             cfg.ram_size = parse_size(value, "-m")
             if not 2 << 20 <= cfg.ram_size <= MAX_RAM:
