@@ -235,7 +235,7 @@ def fingerprint(path: str, size: int, hot: int) -> npt.NDArray[np.uint64]:
             for off in range(start, end, _CHUNK):
                 n = min(_CHUNK, end - off)
                 view = buf[: n // 8]
-                if os.preadv(fd, [view], off) != n:
+                if os.preadv(fd, [view.data], off) != n:
                     raise RuntimeError(f"short read of {path} at {off}")
                 out[off // PAGE : (off + n) // PAGE] = (view.reshape(-1, PAGE // 8) * _WEIGHTS).sum(axis=1)
             pos = end
