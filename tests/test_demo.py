@@ -101,10 +101,11 @@ def test_demo_table(tmp_path: Path) -> None:
     proc = _demo(tmp_path, "--mem", "64M", "--hot", "4M", "--modes", "cpr-transfer", "--guest", "threads")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    header, rule, row, footer = out.splitlines()
+    header, rule, row, footer, noise = out.splitlines()
     assert header.split()[:3] == ["mode", "pid", "guest"]
     assert row.split()[0] == "cpr-transfer" and row.split()[-3:] == ["yes", "yes", "yes"]
     assert footer == "guest: threads, 64.0 MiB RAM, hot set 4.0 MiB"
+    assert noise.startswith("noise floor: ")
 
 
 def test_ctrl_c_stops_every_vmm_and_removes_the_work_directory(tmp_path: Path) -> None:

@@ -58,6 +58,8 @@ PAGE = 4096
 SEED_STRIDE = 64
 """The demo writes data into every SEED_STRIDE-th page the guest leaves alone."""
 TIMEOUT = 120.0
+BASELINE_S = 1.0
+"""How long the guest is watched with no update, for the noise floor."""
 _CHUNK = 64 << 20
 _WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, PAGE // 8, dtype=np.uint64) | np.uint64(1)
 
@@ -80,6 +82,8 @@ class StepResult:
     pid_after: int
     pause_ms: float
     """Longest heartbeat stall the observer saw (the guest pause users feel)."""
+    baseline_ms: float
+    """The longest stall over 1 s of the same guest with no update (this machine's noise floor)."""
     blind_ms: float
     """The observer's longest gap between two samples (its own descheduling: the measurement's error bar)."""
     total_ms: float
@@ -369,6 +373,7 @@ class LiveGuest:
         self.kind = ""
         self._cold: npt.NDArray[np.uint64] | None = None
         self._rings = 0
+        self.baseline_ms = 0.0
 
     def __enter__(self) -> LiveGuest:
         return self
@@ -404,7 +409,14 @@ class LiveGuest:
         path = vmm.ram_path()
         seed(path, self.mem, self.hot)
         self._cold = fingerprint(path, self.mem, self.hot)
-        self.progress(f"booted pid {vmm.pid}: {self.mem >> 20} MiB, {self.kind} guest, hot set {self.hot >> 20} MiB")
+        observer = _core.Observer(path, HEARTBEAT)
+        observer.start()
+        time.sleep(BASELINE_S)
+        self.baseline_ms = observer.stop().max_stall_ns / 1e6
+        self.progress(
+            f"booted pid {vmm.pid}: {self.mem >> 20} MiB, {self.kind} guest, hot set {self.hot >> 20} MiB; "
+            f"longest stall with no update over {BASELINE_S:g} s: {self.baseline_ms:.3f} ms"
+        )
 
     def update(self, mode: str) -> StepResult:
         """Live-update the guest into a fresh process with ``mode``; returns what was observed."""
@@ -458,6 +470,7 @@ class LiveGuest:
             pid_before=src_pid,
             pid_after=dst.pid,
             pause_ms=pause_ns / 1e6,
+            baseline_ms=self.baseline_ms,
             blind_ms=report.max_sample_gap_ns / 1e6,
             total_ms=extra["total_ms"],
             downtime_ms=extra.get("downtime"),
@@ -622,6 +635,9 @@ def render(results: Sequence[StepResult]) -> str:
     if results:
         r = results[0]
         lines.append(f"guest: {r.guest}, {_size(r.mem)} RAM, hot set {_size(r.hot)}")
+        lines.append(
+            f"noise floor: the same guest, not updated, stalled up to {r.baseline_ms:.3f} ms in {BASELINE_S:g} s"
+        )
     return "\n".join(lines) + "\n"
 
 
