@@ -301,18 +301,14 @@ class _Follower:
 
     def _run(self) -> None:
         try:
-            src_fd, tgt_fd = (os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in self._paths)
-            try:
+            with open(self._paths[0], "rb", buffering=0) as src, open(self._paths[1], "rb", buffering=0) as tgt:
                 while not self._stop.is_set():
-                    tgt = int.from_bytes(os.pread(tgt_fd, 8, HEARTBEAT), "little")
-                    if tgt > int.from_bytes(os.pread(src_fd, 8, HEARTBEAT), "little"):
+                    ahead = int.from_bytes(os.pread(tgt.fileno(), 8, HEARTBEAT), "little")
+                    if ahead > int.from_bytes(os.pread(src.fileno(), 8, HEARTBEAT), "little"):
                         self._observer.retarget(self._paths[1])
                         break
                     time.sleep(50e-6)
-            finally:
-                os.close(src_fd)
-                os.close(tgt_fd)
-        except BaseException as e:  # noqa: BLE001 - reported by close()
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
             self.error = e
         finally:
             self.done.set()
