@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= test,bench
 
-.PHONY: demo test build venv rust-test lint pytest bench bench-quick wheel clean
+.PHONY: demo test build venv rust-test lint pytest bench bench-quick wheel clean fuzz
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,16 @@ wheel: venv
 
 clean:
 	rm -rf $(VENV) target dist
+
+# Coverage-guided fuzzing (atheris) of every parser fed from outside, FUZZ_SECONDS per target.
+# New inputs go to fuzz/work/<target>/ (not committed); crashes to fuzz/work/crash-*.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= $(notdir $(wildcard fuzz/corpus/*))
+fuzz: build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/work/$$t; echo "== $$t ($(FUZZ_SECONDS) s)"; \
+		$(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+			-artifact_prefix=fuzz/work/ -print_final_stats=1 fuzz/work/$$t fuzz/corpus/$$t 2>&1 \
+			| grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss)|crash|Error|==" || true; \
+		test -z "$$(ls fuzz/work | grep -E '^(crash|timeout|oom|leak)-')" || { echo "findings in fuzz/work"; exit 1; }; \
+	done

@@ -189,12 +189,27 @@ _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 
 _SIZE_RE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)([bBkKmMgGtTpPeE]?)")
 
 
+_U64_DIGITS = 20
+"""Decimal digits of the largest u64; a longer number is out of every range we accept
+(and ``int()`` refuses strings over 4300 digits with a ValueError)."""
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a non-negative ASCII decimal, or None; beyond 20 digits it reads as ``2**64``."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= _U64_DIGITS else 1 << 64
+
+
 def _parse_offset(text: str) -> int:
     """Parse a file offset like QEMU's ``qemu_strtosz``: decimal or 0x hex, optional K/M/G/... suffix."""
     m = _SIZE_RE.fullmatch(text)
     if m is None:
         raise MigrationError(f"file URI has bad offset {text}: Invalid argument")
-    value = int(m.group(1), 0) if m.group(1)[:2].lower() == "0x" else int(m.group(1), 10)
+    number = m.group(1)
+    value = int(number, 16) if number[:2].lower() == "0x" else _decimal(number)
+    assert value is not None  # the regex admits only digits
     value *= _SUFFIXES[m.group(2).upper()]
     if value >= 1 << 64:
         raise MigrationError(f"file URI has bad offset {text}: Numerical result out of range")
@@ -218,17 +233,22 @@ def _parse_inet(rest: str) -> TcpAddress:
         host, sep, port = rest.rpartition(":")
         if not sep or not host or ":" in host:
             raise MigrationError(f"error parsing address '{rest}'")
-    if not port.isascii() or not port.isdigit():
+    value = _decimal(port)
+    if value is None:
         raise MigrationError(f"error parsing port in address '{rest}'")
-    value = int(port)
     if value > 65535:
-        raise MigrationError(f"port {value} out of range in address '{rest}'")
+        raise MigrationError(f"port {port} out of range in address '{rest}'")
     return TcpAddress(host, value)
 
 
 def _fd_value(text: str) -> int | str:
     """An fd given as text: a decimal number, or the name of a monitor fd."""
-    return int(text) if text.isascii() and text.isdigit() else text
+    number = _decimal(text)
+    if number is None:
+        return text
+    if number >= 1 << 31:
+        raise MigrationError(f"Invalid file descriptor number '{text}'")
+    return number
 
 
 def parse_uri(uri: str) -> MigrationAddress:
@@ -298,9 +318,10 @@ def _int_member(m: _Members, key: str, expected: str, *, default: int | None = N
     """An integer member; keyval gives every value as a string, so decimal strings count too."""
     value = m.take(key, (int, str), expected, default=default)
     if isinstance(value, str):
-        if not value.isascii() or not value.isdigit():
+        number = _decimal(value)
+        if number is None:
             raise MigrationError(f"Parameter '{m.name(key)}' expects {expected}")
-        value = int(value)
+        value = number
     if not 0 <= value < 1 << 64:
         raise MigrationError(f"Parameter '{m.name(key)}' expects {expected}")
     return int(value)
@@ -362,6 +383,10 @@ def parse_channels(channels: list[dict[str, Any]]) -> dict[ChannelType, Migratio
     return out
 
 
+_KEYVAL_DEPTH = 8
+"""Most dotted levels a keyval key may have; a channel needs three (``addr.args.0``)."""
+
+
 def _keyval(text: str) -> dict[str, Any]:
     """QEMU's keyval syntax with ``channel-type`` as the implied first key.
 
@@ -378,6 +403,8 @@ def _keyval(text: str) -> dict[str, Any]:
             key, value = "channel-type", part
         node = root
         *parents, leaf = key.split(".")
+        if len(parents) >= _KEYVAL_DEPTH:
+            raise MigrationError(f"Parameter '{key[:64]}' is nested more than {_KEYVAL_DEPTH} levels deep")
         for name in parents:
             child = node.setdefault(name, {})
             if not isinstance(child, dict):
@@ -395,7 +422,7 @@ def _lists(node: Any) -> Any:
         return node
     items = {k: _lists(v) for k, v in node.items()}
     if items and all(k.isdigit() for k in items):
-        if sorted(int(k) for k in items) != list(range(len(items))):
+        if sorted(items) != sorted(str(i) for i in range(len(items))):
             raise MigrationError("list indexes must be 0, 1, 2, ... without gaps")
         return [items[str(i)] for i in range(len(items))]
     return items
@@ -415,6 +442,8 @@ def parse_incoming(spec: str) -> Defer | list[Channel]:
             obj = json.loads(spec)
         except json.JSONDecodeError as e:
             raise MigrationError(f"JSON parse error, {e.msg}") from None
+        except (ValueError, RecursionError) as e:  # a number over 4300 digits; nesting too deep
+            raise MigrationError(f"JSON parse error, {e}") from None
         if isinstance(obj, list):
             return [parse_channel(o, f"channels[{i}]") for i, o in enumerate(obj)]
         return [parse_channel(obj)]

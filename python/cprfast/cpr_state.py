@@ -431,7 +431,10 @@ def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: se
         raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
     if number in numbers:
         # QEMU lets two keys share one number; we give each key its own fd to own.
-        dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+        try:
+            dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError as e:  # EMFILE: a stream naming one fd more times than we may open fds
+            raise StreamError(f"cpr fd '{name}' id {id}: cannot duplicate fd {number}: {e.strerror}") from None
         owned.append(dup)
         numbers.add(dup)  # a later entry naming this number gets its own fd too
         return dup
@@ -625,6 +628,21 @@ def unpersist_exec_state(fd: int, env: MutableMapping[str, str]) -> None:
     os.set_inheritable(fd, False)
 
 
+def _check_exec_state_fd(fd: int) -> None:
+    """Refuse an fd that is not a memfd before reading (or closing) it.
+
+    The variable may be stale or forged: fd 0 or a pipe would block the reader,
+    and closing a file it merely names would take it from whoever owns it, so
+    such an fd is left open. QEMU reads and closes whatever the number is.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        raise StreamError(f"cannot read cpr-exec state from fd {fd}: Bad file descriptor") from None
+    if not target.startswith("/memfd:"):
+        raise StreamError(f"{EXEC_STATE_ENV} fd {fd} is not a memfd (it is {target}); left open")
+
+
 def _read_exec_state(fd: int) -> bytes:
     """The whole state memfd, read from offset 0."""
     os.lseek(fd, 0, os.SEEK_SET)
@@ -687,6 +705,7 @@ def load_incoming(
         if not value.isascii() or not value.isdigit():
             raise StreamError(f"{EXEC_STATE_ENV}={value!r} is not an fd number")
         fd = int(value)
+        _check_exec_state_fd(fd)
         try:
             data = _read_exec_state(fd)
         except OSError as e:

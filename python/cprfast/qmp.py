@@ -359,7 +359,7 @@ class _Session:
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
             msg = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also: numbers over 4300 digits, nesting too deep
             return _error(f"JSON parse error, {e}")
         if not isinstance(msg, dict):
             return _error("QMP input must be a JSON object")

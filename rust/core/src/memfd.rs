@@ -31,6 +31,27 @@ pub fn host_page_size() -> usize {
 /// Where the kernel says how shmem (and so memfd) uses transparent huge pages.
 pub const SHMEM_THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
+/// The most memory this machine can ever back: RAM plus swap (`sysinfo(2)`).
+/// A memfd may be truncated, and even mapped, far beyond it (pages are
+/// allocated only when touched), but a guest that touched such a region
+/// would bring the OOM killer; a region larger than this is refused up front.
+#[must_use]
+pub fn max_region_size() -> u64 {
+    let info = rustix::system::sysinfo();
+    (info.totalram + info.totalswap).saturating_mul(u64::from(info.mem_unit.max(1)))
+}
+
+/// Refuse a region size the machine can never back (see [`max_region_size`]).
+fn check_backable(size: usize) -> Result<()> {
+    let max = max_region_size();
+    if size as u64 > max {
+        return Err(Error::InvalidArgument(format!(
+            "region size {size} exceeds this machine's RAM + swap ({max} bytes): it could never be backed"
+        )));
+    }
+    Ok(())
+}
+
 /// The shmem transparent-huge-page mode in force: `always`, `within_size`,
 /// `advise`, `never`, `deny` or `force` (the bracketed word in [`SHMEM_THP_SYSFS`]).
 pub fn shmem_thp_mode() -> Result<String> {
@@ -354,6 +375,7 @@ impl Region {
                 "region size {size} must be a nonzero multiple of the page size {page_size}"
             )));
         }
+        check_backable(size)?;
         let fd = rustix::fs::memfd_create(&cname, flags).map_err(|e| {
             if opts.hugetlb.is_some() {
                 Error::Unsupported { feature: "hugetlb memfd", errno: e.into() }
@@ -394,6 +416,7 @@ impl Region {
     /// `name` defaults to the memfd's own name.
     pub fn adopt(fd: BorrowedFd<'_>, size: usize, name: Option<&str>, require_seals: bool) -> Result<Self> {
         let start = Instant::now();
+        check_backable(size)?;
         let raw = fd.as_raw_fd();
         let bad = |what: String| Error::BadFd(format!("fd {raw}: {what}"));
         let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| match e {
@@ -539,6 +562,18 @@ mod tests {
         assert!(Region::create("t", 0, &CreateOptions::default()).is_err());
         assert_eq!(r.seals().unwrap(), SIZE_SEALS);
         assert!(rustix::fs::ftruncate(r.fd(), 2 << 20).is_err(), "GROW seal must stop ftruncate");
+    }
+
+    #[test]
+    fn sizes_beyond_ram_and_swap_are_refused() {
+        let too_big = usize::try_from(max_region_size()).unwrap() + host_page_size();
+        let too_big = too_big.next_multiple_of(host_page_size());
+        match Region::create("t", too_big, &CreateOptions::default()) {
+            Err(Error::InvalidArgument(s)) => assert!(s.contains("RAM + swap"), "{s}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        let r = sealed(1 << 16);
+        assert!(matches!(Region::adopt(r.fd(), too_big, None, true), Err(Error::InvalidArgument(_))));
     }
 
     #[test]

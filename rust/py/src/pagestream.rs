@@ -83,7 +83,13 @@ impl PyStreamStats {
 
 impl From<Stats> for PyStreamStats {
     fn from(s: Stats) -> Self {
-        Self { bytes: s.bytes, pages: s.pages, zero_pages: s.zero_pages, chunks: s.chunks, seconds: s.seconds }
+        Self {
+            bytes: s.bytes,
+            pages: s.pages,
+            zero_pages: s.zero_pages,
+            chunks: s.chunks,
+            seconds: s.seconds,
+        }
     }
 }
 
@@ -111,8 +117,12 @@ fn source(region: &Bound<'_, PyRegion>) -> PyResult<(Arc<Mapping>, OwnedFd)> {
     let mapping = region.get().mapping()?;
     let memfd: i32 = region.call_method0("fileno")?.extract()?;
     let path = format!("/proc/self/fd/{memfd}");
-    let fd = rustix::fs::open(&path, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
-        .map_err(|e| CoreError(Error::os(format!("open({path})"), e)))?;
+    let fd = rustix::fs::open(
+        &path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| CoreError(Error::os(format!("open({path})"), e)))?;
     Ok((mapping, fd))
 }
 
@@ -142,7 +152,12 @@ fn run<T: Send>(
             |()| false,
         )
     };
-    let result = py.detach(|| f(&Control { progress: progress.as_deref(), interrupted: Some(&hook) }));
+    let result = py.detach(|| {
+        f(&Control {
+            progress: progress.as_deref(),
+            interrupted: Some(&hook),
+        })
+    });
     if let Some(e) = pending.into_inner().ok().flatten() {
         return Err(e);
     }
@@ -151,7 +166,10 @@ fn run<T: Send>(
 
 /// Send the pages set in `dirty` (all if None) to `fd` and the `channels`.
 #[pyfunction]
-#[pyo3(signature = (region, fd, *, dirty=None, bandwidth=0, progress=None, channels=Vec::new()))]
+#[pyo3(
+    signature = (region, fd, *, dirty=None, bandwidth=0, progress=None, channels=Vec::new()),
+    text_signature = "(region, fd, *, dirty=None, bandwidth=0, progress=None, channels=())"
+)]
 pub fn send_pages(
     py: Python<'_>,
     region: &Bound<'_, PyRegion>,
@@ -162,7 +180,10 @@ pub fn send_pages(
     channels: Vec<i32>,
 ) -> PyResult<PyStreamStats> {
     let (mapping, memfd) = source(region)?;
-    let fds = std::iter::once(fd).chain(channels).map(|f| dup_fd(f, "stream")).collect::<PyResult<Vec<_>>>()?;
+    let fds = std::iter::once(fd)
+        .chain(channels)
+        .map(|f| dup_fd(f, "stream"))
+        .collect::<PyResult<Vec<_>>>()?;
     let dirty = dirty_words(dirty)?;
     run(py, progress, |ctl| {
         let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
@@ -173,7 +194,10 @@ pub fn send_pages(
 
 /// Receive a page stream from `fd` and the `channels` into `region`.
 #[pyfunction]
-#[pyo3(signature = (region, fd, *, progress=None, channels=Vec::new()))]
+#[pyo3(
+    signature = (region, fd, *, progress=None, channels=Vec::new()),
+    text_signature = "(region, fd, *, progress=None, channels=())"
+)]
 pub fn recv_pages(
     py: Python<'_>,
     region: &Bound<'_, PyRegion>,
@@ -182,7 +206,10 @@ pub fn recv_pages(
     channels: Vec<i32>,
 ) -> PyResult<PyStreamStats> {
     let mapping = region.get().mapping()?;
-    let fds = std::iter::once(fd).chain(channels).map(|f| dup_fd(f, "stream")).collect::<PyResult<Vec<_>>>()?;
+    let fds = std::iter::once(fd)
+        .chain(channels)
+        .map(|f| dup_fd(f, "stream"))
+        .collect::<PyResult<Vec<_>>>()?;
     run(py, progress, |ctl| {
         let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
         pagestream::recv(&mapping, &fds, ctl)
@@ -207,7 +234,15 @@ pub fn save_mapped(
     let file = dup_fd(fd, "save file")?;
     let dirty = dirty_words(dirty)?;
     run(py, progress, |ctl| {
-        pagestream::save_mapped(&mapping, Some(memfd.as_fd()), file.as_fd(), offset, dirty.as_deref(), threads, ctl)
+        pagestream::save_mapped(
+            &mapping,
+            Some(memfd.as_fd()),
+            file.as_fd(),
+            offset,
+            dirty.as_deref(),
+            threads,
+            ctl,
+        )
     })
     .map(Into::into)
 }
@@ -225,7 +260,10 @@ pub fn load_mapped(
 ) -> PyResult<PyStreamStats> {
     let mapping = region.get().mapping()?;
     let file = dup_fd(fd, "save file")?;
-    run(py, progress, |ctl| pagestream::load_mapped(&mapping, file.as_fd(), offset, threads, ctl)).map(Into::into)
+    run(py, progress, |ctl| {
+        pagestream::load_mapped(&mapping, file.as_fd(), offset, threads, ctl)
+    })
+    .map(Into::into)
 }
 
 /// Bytes a mapped-ram save of a region of `region_size` bytes occupies.

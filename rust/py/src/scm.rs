@@ -52,7 +52,12 @@ pub fn sendmsg_fds(py: Python<'_>, sock: RawFd, data: &[u8], fds: Vec<RawFd>, ti
     blocking(py, timeout, no_check, |w| scm::sendmsg_fds(sock, data, &fds, w))
 }
 
-/// ONE recvmsg of up to `bufsize` bytes and `max_fds` fds; b"" means end of stream.
+/// Most bytes one `recvmsg_fds` call reads: a stream socket never returns more
+/// than its receive buffer in one call, and a bigger `bufsize` must not cost
+/// that much memory (the buffer is zero-filled before the call).
+const MAX_RECV_BUF: usize = 16 << 20;
+
+/// ONE recvmsg of up to `bufsize` bytes (at most 16 MiB) and `max_fds` fds; b"" means end of stream.
 #[pyfunction]
 #[pyo3(signature = (sock, bufsize, max_fds=253, *, timeout=None))]
 pub fn recvmsg_fds(
@@ -63,6 +68,7 @@ pub fn recvmsg_fds(
     timeout: Option<f64>,
 ) -> PyResult<(Py<PyBytes>, Vec<RawFd>)> {
     let (sock, timeout) = (borrow(sock)?, timeout_arg(timeout)?);
+    let bufsize = bufsize.min(MAX_RECV_BUF);
     let mut buf = Vec::new();
     buf.try_reserve_exact(bufsize).map_err(|_| PyMemoryError::new_err(format!("bufsize {bufsize}")))?;
     buf.resize(bufsize, 0);

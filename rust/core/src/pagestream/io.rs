@@ -19,7 +19,10 @@ fn retry(fd: BorrowedFd<'_>, e: Errno, out: bool, ctl: &Control<'_>, op: &dyn Fn
         Errno::INTR => Ok(()),
         Errno::AGAIN => {
             let flags = if out { PollFlags::OUT } else { PollFlags::IN };
-            let timeout = Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+            let timeout = Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
             match rustix::event::poll(&mut [PollFd::new(&fd, flags)], Some(&timeout)) {
                 Ok(_) => Ok(()),
                 Err(e) => retry(fd, e, out, ctl, op),
@@ -30,11 +33,22 @@ fn retry(fd: BorrowedFd<'_>, e: Errno, out: bool, ctl: &Control<'_>, op: &dyn Fn
 }
 
 /// Write all of `buf` to a stream fd (socket, pipe or file at its position).
+///
+/// A signal that arrives after part of a blocking write was done makes the
+/// write return short instead of failing with `EINTR`; a short write that
+/// blocked for a while therefore also asks `ctl` whether to abort.
 pub(super) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<()> {
+    const LONG_BLOCK: Duration = Duration::from_millis(20);
     while !buf.is_empty() {
+        let t = Instant::now();
         match rustix::io::write(fd, buf) {
             Ok(0) => return Err(Error::PeerClosed(op())),
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => {
+                buf = &buf[n..];
+                if !buf.is_empty() && t.elapsed() >= LONG_BLOCK && ctl.interrupted() {
+                    return Err(Error::os(op(), Errno::INTR));
+                }
+            }
             Err(Errno::PIPE | Errno::CONNRESET) => return Err(Error::PeerClosed(op())),
             Err(e) => retry(fd, e, true, ctl, op)?,
         }
@@ -44,7 +58,12 @@ pub(super) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], ctl: &Control<'_>, o
 
 /// Fill `buf` from a stream fd; returns how many bytes arrived before end of
 /// file (less than `buf.len()` only if the peer closed; a reset counts as closed).
-pub(super) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<usize> {
+pub(super) fn read_full(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    ctl: &Control<'_>,
+    op: &dyn Fn() -> String,
+) -> Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match rustix::io::read(fd, &mut buf[got..]) {
@@ -57,7 +76,13 @@ pub(super) fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8], ctl: &Control<'_>, o
 }
 
 /// `pwrite` all of `buf` at `off`.
-pub(super) fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64, ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<()> {
+pub(super) fn pwrite_all(
+    fd: BorrowedFd<'_>,
+    mut buf: &[u8],
+    mut off: u64,
+    ctl: &Control<'_>,
+    op: &dyn Fn() -> String,
+) -> Result<()> {
     while !buf.is_empty() {
         match rustix::io::pwrite(fd, buf, off) {
             Ok(0) => return Err(Error::os(op(), Errno::NOSPC)),
@@ -72,7 +97,13 @@ pub(super) fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut off: u64, ctl: 
 }
 
 /// `pread` into all of `buf` from `off`; returns the bytes read before end of file.
-pub(super) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64, ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<usize> {
+pub(super) fn pread_full(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    off: u64,
+    ctl: &Control<'_>,
+    op: &dyn Fn() -> String,
+) -> Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match rustix::io::pread(fd, &mut buf[got..], off + got as u64) {
@@ -96,7 +127,11 @@ pub(super) struct Limiter {
 impl Limiter {
     /// A limiter for `rate` bytes/s; 0 means unlimited.
     pub(super) fn new(rate: u64) -> Self {
-        Self { rate, start: Instant::now(), total: AtomicU64::new(0) }
+        Self {
+            rate,
+            start: Instant::now(),
+            total: AtomicU64::new(0),
+        }
     }
 
     /// Account for `bytes` just written and sleep until they are within budget.

@@ -22,7 +22,9 @@ use rustix::fs::FallocateFlags;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::io::{pread_full, pwrite_all};
-use super::{Control, Holes, Selection, Stats, bit, copy_in, copy_out, count, is_zero, parallel, runs, set_bit, window_pages, zero_pages};
+use super::{
+    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
+};
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
 
@@ -62,7 +64,10 @@ impl Layout {
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&(self.page_size as u32).to_le_bytes());
-        for (i, v) in [self.pages as u64, self.bitmap, self.sums, self.data, tables_sum].iter().enumerate() {
+        for (i, v) in [self.pages as u64, self.bitmap, self.sums, self.data, tables_sum]
+            .iter()
+            .enumerate()
+        {
             h[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
         }
         let sum = xxh3_64(&h[..56]);
@@ -99,7 +104,11 @@ struct Tables {
 
 impl Tables {
     fn bytes(&self) -> (Vec<u8>, Vec<u8>) {
-        let bitmap = self.bitmap.iter().flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes()).collect();
+        let bitmap = self
+            .bitmap
+            .iter()
+            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
+            .collect();
         let sums = self.sums.iter().flat_map(|s| s.to_le_bytes()).collect();
         (bitmap, sums)
     }
@@ -121,7 +130,9 @@ fn read_tables(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, ctl: &Control<'_>) 
     let lay = Layout::new(m.page_size(), m.pages());
     let bad = |what: String| Error::Corrupt(format!("mapped-ram save at offset {offset}: {what}"));
     let mut h = [0u8; HEADER];
-    let got = pread_full(fd, &mut h, offset, ctl, &|| format!("pread(mapped-ram header at {offset})"))?;
+    let got = pread_full(fd, &mut h, offset, ctl, &|| {
+        format!("pread(mapped-ram header at {offset})")
+    })?;
     if got < HEADER {
         return Err(bad(format!("truncated: only {got} of {HEADER} header bytes")));
     }
@@ -158,8 +169,15 @@ fn read_tables(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, ctl: &Control<'_>) 
     if Tables::checksum(&bitmap, &sums) != u64_at(48) {
         return Err(bad("bitmap or page sums corrupt (table checksum mismatch)".into()));
     }
-    let words = |b: &[u8]| -> Vec<u64> { b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect() };
-    let tables = Tables { bitmap: words(&bitmap).into_iter().map(AtomicU64::new).collect(), sums: words(&sums) };
+    let words = |b: &[u8]| -> Vec<u64> {
+        b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect()
+    };
+    let tables = Tables {
+        bitmap: words(&bitmap).into_iter().map(AtomicU64::new).collect(),
+        sums: words(&sums),
+    };
     if (0..m.pages()).any(|p| !tables.present(p) && tables.sums[p] != 0) {
         return Err(bad("a zero page has a page sum".into()));
     }
@@ -169,7 +187,10 @@ fn read_tables(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, ctl: &Control<'_>) 
 /// Punch a hole in the file (the range then reads as zeros).
 fn punch(fd: BorrowedFd<'_>, off: u64, len: u64) -> Result<()> {
     rustix::fs::fallocate(fd, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, len).map_err(|e| match e {
-        rustix::io::Errno::OPNOTSUPP => Error::Unsupported { feature: "fallocate(FALLOC_FL_PUNCH_HOLE) on the save file", errno: e.into() },
+        rustix::io::Errno::OPNOTSUPP => Error::Unsupported {
+            feature: "fallocate(FALLOC_FL_PUNCH_HOLE) on the save file",
+            errno: e.into(),
+        },
         e => Error::os(format!("fallocate(PUNCH_HOLE, {off}+{len})"), e),
     })
 }
@@ -204,23 +225,34 @@ pub fn save_mapped(
     let tables = if dirty.is_some() {
         read_tables(m, fd, offset, ctl)?.0
     } else {
-        let size = rustix::fs::fstat(fd).map_err(|e| Error::os("fstat(save file)", e))?.st_size as u64;
+        let size = rustix::fs::fstat(fd)
+            .map_err(|e| Error::os("fstat(save file)", e))?
+            .st_size as u64;
         if size > offset + lay.data {
             // Old contents of a reused file would show through zero pages when mapped.
-            punch(fd, offset + lay.data, (size - offset - lay.data).min(lay.total - lay.data))?;
+            punch(
+                fd,
+                offset + lay.data,
+                (size - offset - lay.data).min(lay.total - lay.data),
+            )?;
         }
         if size < offset + lay.total {
             rustix::fs::ftruncate(fd, offset + lay.total)
                 .map_err(|e| Error::os(format!("ftruncate(save file, {})", offset + lay.total), e))?;
         }
-        Tables { bitmap: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), sums: vec![0; pages] }
+        Tables {
+            bitmap: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            sums: vec![0; pages],
+        }
     };
     let (threads, per) = split(pages.div_ceil(win), threads);
     let old = &tables;
     let mut sums_new = old.sums.clone();
     let sums_parts: Vec<Mutex<&mut [u64]>> = sums_new.chunks_mut(per * win).map(Mutex::new).collect();
     let mut stats = parallel(threads, |t| {
-        let mut sums = sums_parts[t].lock().map_err(|_| Error::Busy("page sums lock poisoned".into()))?;
+        let mut sums = sums_parts[t]
+            .lock()
+            .map_err(|_| Error::Busy("page sums lock poisoned".into()))?;
         let mut holes = Holes::new(holes);
         let mut buf = vec![0u8; win * ps];
         let mut local = Stats::default();
@@ -235,14 +267,11 @@ pub fn save_mapped(
                 let page = first + i;
                 let dst = &mut buf[i * ps..(i + 1) * ps];
                 let sum = &mut sums[page - t * per * win];
-                if holes.is_hole((page * ps) as u64)? || {
-                    copy_out(m, page, dst);
-                    is_zero(dst)
-                } {
+                if fetch(m, &mut holes, page, dst)? {
+                    *sum = xxh3_64(dst);
+                } else {
                     set_bit(&mut zero, i);
                     *sum = 0;
-                } else {
-                    *sum = xxh3_64(dst);
                 }
             }
             let data_at = |i: usize| offset + lay.data + ((first + i) * ps) as u64;
@@ -268,10 +297,17 @@ pub fn save_mapped(
         Ok(local)
     })?;
     drop(sums_parts);
-    let tables = Tables { bitmap: tables.bitmap, sums: sums_new };
+    let tables = Tables {
+        bitmap: tables.bitmap,
+        sums: sums_new,
+    };
     let (bitmap, sums) = tables.bytes();
-    pwrite_all(fd, &bitmap, offset + lay.bitmap, ctl, &|| "pwrite(save file bitmap)".into())?;
-    pwrite_all(fd, &sums, offset + lay.sums, ctl, &|| "pwrite(save file page sums)".into())?;
+    pwrite_all(fd, &bitmap, offset + lay.bitmap, ctl, &|| {
+        "pwrite(save file bitmap)".into()
+    })?;
+    pwrite_all(fd, &sums, offset + lay.sums, ctl, &|| {
+        "pwrite(save file page sums)".into()
+    })?;
     let header = lay.encode(Tables::checksum(&bitmap, &sums));
     pwrite_all(fd, &header, offset, ctl, &|| "pwrite(save file header)".into())?;
     let meta = (HEADER + bitmap.len() + sums.len()) as u64;
@@ -310,7 +346,8 @@ pub fn load_mapped(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, threads: usize,
                     let sum = xxh3_64(&buf[i * ps..(i + 1) * ps]);
                     if sum != tables.sums[first + i] {
                         return Err(Error::Corrupt(format!(
-                            "mapped-ram save at offset {offset}: page {} checksum mismatch", first + i
+                            "mapped-ram save at offset {offset}: page {} checksum mismatch",
+                            first + i
                         )));
                     }
                 }
@@ -349,7 +386,10 @@ mod tests {
     #[test]
     fn save_load_incremental() {
         let opts = CreateOptions::default();
-        let (src, dst) = (Region::create("s", 300 * 4096, &opts).unwrap(), Region::create("d", 300 * 4096, &opts).unwrap());
+        let (src, dst) = (
+            Region::create("s", 300 * 4096, &opts).unwrap(),
+            Region::create("d", 300 * 4096, &opts).unwrap(),
+        );
         let file = Region::create("file", 4096, &CreateOptions { seal: false, ..opts }).unwrap();
         let (sm, dm) = (src.mapping(), dst.mapping());
         sm.write(5 * 4096, &[1; 4096]).unwrap();

@@ -104,13 +104,21 @@ pub struct Control<'a> {
 
 impl std::fmt::Debug for Control<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("progress", &self.progress).finish_non_exhaustive()
+        f.debug_struct("Control")
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
     }
 }
 
 impl Control<'_> {
     fn count(&self, local: &mut Stats, bytes: u64, pages: u64, zero_pages: u64, chunks: u64) {
-        local.add(&Stats { bytes, pages, zero_pages, chunks, seconds: 0.0 });
+        local.add(&Stats {
+            bytes,
+            pages,
+            zero_pages,
+            chunks,
+            seconds: 0.0,
+        });
         if let Some(p) = self.progress {
             p.bytes.fetch_add(bytes, Ordering::Relaxed);
             p.pages.fetch_add(pages, Ordering::Relaxed);
@@ -172,7 +180,11 @@ impl<'a> Selection<'a> {
 fn bits_at(words: &[u64], at: usize) -> u64 {
     let (w, s) = (at / 64, at % 64);
     let lo = words.get(w).copied().unwrap_or(0) >> s;
-    let hi = if s == 0 { 0 } else { words.get(w + 1).copied().unwrap_or(0) << (64 - s) };
+    let hi = if s == 0 {
+        0
+    } else {
+        words.get(w + 1).copied().unwrap_or(0) << (64 - s)
+    };
     lo | hi
 }
 
@@ -207,24 +219,47 @@ fn runs(span: usize, pred: impl Fn(usize) -> bool) -> impl Iterator<Item = (usiz
 }
 
 /// True if the private buffer is all zero bytes.
+#[cfg(test)]
 fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(512).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-/// Copy page `page` of the mapping into the private buffer `dst` (one page long).
-fn copy_out(m: &Mapping, page: usize, dst: &mut [u8]) {
+/// True if page `page` of the mapping reads as zeros. Volatile word reads,
+/// stopping at the first non-zero block, so a zero page is never copied.
+fn page_is_zero(m: &Mapping, page: usize) -> bool {
     let ps = m.page_size();
-    assert!(page < m.pages() && dst.len() == ps, "page {page} out of range");
-    // SAFETY: `page` is inside the mapping (asserted); `dst` is a private
-    // buffer of exactly one page that cannot overlap the shared mapping. The
-    // guest may write the page meanwhile: we only ever copy raw bytes.
+    assert!(page < m.pages(), "page {page} out of range");
+    // SAFETY: in range (asserted); the mapping is page-aligned, so u64-aligned.
+    let base = unsafe { m.as_ptr().add(page * ps) }.cast::<u64>();
+    (0..ps / 8).step_by(8).all(|i| {
+        // SAFETY: words `i..i+8` lie inside the page (`ps` is a multiple of 64);
+        // volatile reads of shared memory another thread may be writing.
+        (0..8).fold(0, |acc, j| acc | unsafe { base.add(i + j).read_volatile() }) == 0
+    })
+}
+
+/// Fetch page `page` into the private one-page buffer `dst`, unless it is a
+/// hole or reads as zeros: then return `false` and leave `dst` alone.
+fn fetch(m: &Mapping, holes: &mut Holes<'_>, page: usize, dst: &mut [u8]) -> Result<bool> {
+    let ps = m.page_size();
+    if holes.is_hole((page * ps) as u64)? || page_is_zero(m, page) {
+        return Ok(false);
+    }
+    assert!(dst.len() == ps, "buffer is not one page");
+    // SAFETY: `page` is inside the mapping (checked by `page_is_zero`); `dst` is
+    // a private buffer of exactly one page that cannot overlap the shared
+    // mapping. The guest may write the page meanwhile: we only copy raw bytes.
     unsafe { std::ptr::copy_nonoverlapping(m.as_ptr().add(page * ps), dst.as_mut_ptr(), ps) };
+    Ok(true)
 }
 
 /// Copy verified bytes from a private buffer into pages `[page, page+n)`.
 fn copy_in(m: &Mapping, page: usize, src: &[u8]) {
     let ps = m.page_size();
-    assert!(src.len() % ps == 0 && page + src.len() / ps <= m.pages(), "pages out of range");
+    assert!(
+        src.len() % ps == 0 && page + src.len() / ps <= m.pages(),
+        "pages out of range"
+    );
     // SAFETY: the destination range lies inside the mapping (asserted above)
     // and the source is a private buffer, so the two cannot overlap.
     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), m.as_ptr().add(page * ps), src.len()) };
@@ -261,7 +296,11 @@ struct Holes<'a> {
 
 impl<'a> Holes<'a> {
     fn new(fd: Option<BorrowedFd<'a>>) -> Self {
-        Self { fd, asked: u64::MAX, data: (0, 0) }
+        Self {
+            fd,
+            asked: u64::MAX,
+            data: (0, 0),
+        }
     }
 
     /// True if the page at byte offset `off` is a hole (reads as zeros).
@@ -288,12 +327,20 @@ impl<'a> Holes<'a> {
 /// scoped threads; return their stats summed, or the first error.
 fn parallel(n: usize, work: impl Fn(usize) -> Result<Stats> + Sync) -> Result<Stats> {
     let results: Vec<Result<Stats>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..n).map(|i| s.spawn({
-            let work = &work;
-            move || work(i)
-        })).collect();
+        let handles: Vec<_> = (1..n)
+            .map(|i| {
+                s.spawn({
+                    let work = &work;
+                    move || work(i)
+                })
+            })
+            .collect();
         let mut out = vec![work(0)];
-        out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+        );
         out
     });
     let mut total = Stats::default();

@@ -18,14 +18,14 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::io::{Limiter, read_full, write_all};
 use super::{
-    Control, Holes, Selection, Stats, bit, copy_in, copy_out, count, is_zero, parallel, runs, set_bit, window_pages,
-    zero_pages,
+    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
 };
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
@@ -117,6 +117,18 @@ pub fn send(
     Ok(stats)
 }
 
+/// A sealed frame on its way to a channel's writer thread.
+struct Out {
+    buf: Vec<u8>,
+    len: usize,
+    pages: u64,
+    zero: u64,
+    chunks: u64,
+    what: String,
+}
+
+/// Send one channel: a producer thread fills and seals frames while this
+/// thread writes the previous one (two buffers rotate between them).
 #[allow(clippy::too_many_arguments)]
 fn send_channel(
     m: &Mapping,
@@ -128,64 +140,131 @@ fn send_channel(
     failed: &AtomicBool,
     ctl: &Control<'_>,
 ) -> Result<Stats> {
-    let (ps, pages, win) = (m.page_size(), m.pages(), window_pages(m.page_size()));
     let fd = fds[ch];
+    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(1);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..2 {
+        free_tx
+            .send(vec![0u8; HEADER + window_pages(m.page_size()) * m.page_size() + SUM])
+            .expect("receiver is here");
+    }
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || produce(m, holes, fds.len(), ch, sel, failed, &free_rx, full_tx));
+        // Writing stays on this thread: for channel 0 that is the caller's, where
+        // a signal interrupts a blocked write and the caller's hook can abort.
+        let written = (|| {
+            let mut local = Stats::default();
+            for out in &full_rx {
+                write_all(fd, &out.buf[..out.len], ctl, &|| {
+                    format!("page stream channel {ch}: sending {}", out.what)
+                })?;
+                ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
+                limiter.pace(out.len as u64, ctl)?;
+                // The producer may have stopped already; then the buffer is just dropped.
+                let _ = free_tx.send(out.buf);
+            }
+            Ok(local)
+        })();
+        // Unblock a producer waiting for a buffer or a free slot.
+        drop((full_rx, free_tx));
+        let produced = producer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // A writer error explains why the producer stopped early: report it first.
+        let local = written?;
+        produced?;
+        Ok(local)
+    })
+}
+
+/// Fill and seal the frames of channel `ch` and hand them to its writer;
+/// returns early (`Ok`) if the writer has stopped; it reports its own error.
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    m: &Mapping,
+    holes: Option<BorrowedFd<'_>>,
+    channels: usize,
+    ch: usize,
+    sel: Selection<'_>,
+    failed: &AtomicBool,
+    free: &mpsc::Receiver<Vec<u8>>,
+    full: mpsc::SyncSender<Out>,
+) -> Result<()> {
+    let (ps, pages, win) = (m.page_size(), m.pages(), window_pages(m.page_size()));
     let mut holes = Holes::new(holes);
-    let mut buf = vec![0u8; HEADER + win * ps + SUM];
-    let mut local = Stats::default();
-    let emit = |buf: &[u8], what: &str, local: &mut Stats, pages: u64, zero: u64, chunks: u64| -> Result<()> {
-        write_all(fd, buf, ctl, &|| format!("page stream channel {ch}: sending {what}"))?;
-        ctl.count(local, buf.len() as u64, pages, zero, chunks);
-        limiter.pace(buf.len() as u64, ctl)
+    let (mut chunks, mut sent_pages, mut zero_pages) = (0u64, 0u64, 0u64);
+    let ship = |buf: Vec<u8>, len: usize, pages: u64, zero: u64, chunks: u64, what: String| {
+        full.send(Out {
+            buf,
+            len,
+            pages,
+            zero,
+            chunks,
+            what,
+        })
+        .is_ok()
     };
+    let Ok(mut buf) = free.recv() else { return Ok(()) };
     let start = Frame {
         kind: KIND_START,
         a: pages as u64,
         b: u32::try_from(ps).map_err(|_| Error::InvalidArgument(format!("page size {ps} too large")))?,
         c: VERSION,
-        sent: [ch as u64, fds.len() as u64, win as u64, 0],
+        sent: [ch as u64, channels as u64, win as u64, 0],
         zero: [0; 4],
     };
     let n = seal(&mut buf, &start, 0);
-    emit(&buf[..n], "the start frame", &mut local, 0, 0, 0)?;
-    for w in (ch..pages.div_ceil(win)).step_by(fds.len()) {
+    if !ship(buf, n, 0, 0, 0, "the start frame".into()) {
+        return Ok(());
+    }
+    for w in (ch..pages.div_ceil(win)).step_by(channels) {
         if failed.load(Ordering::Relaxed) {
-            return Err(Error::Corrupt(format!("page stream channel {ch}: stopped because another channel failed")));
+            // Another channel failed and reports why; this one just stops.
+            return Ok(());
         }
         let (first, span) = (w * win, win.min(pages - w * win));
         let sent = sel.window(first, span);
         if sent == [0; 4] {
             continue;
         }
+        let Ok(mut buf) = free.recv() else { return Ok(()) };
         let mut zero = [0u64; 4];
         let mut data = 0;
         for i in (0..span).filter(|&i| bit(&sent, i)) {
-            let page = first + i;
-            if holes.is_hole((page * ps) as u64)? {
-                set_bit(&mut zero, i);
-                continue;
-            }
-            let dst = &mut buf[HEADER + data * ps..HEADER + (data + 1) * ps];
-            copy_out(m, page, dst);
-            if is_zero(dst) {
-                set_bit(&mut zero, i);
-            } else {
+            if fetch(
+                m,
+                &mut holes,
+                first + i,
+                &mut buf[HEADER + data * ps..HEADER + (data + 1) * ps],
+            )? {
                 data += 1;
+            } else {
+                set_bit(&mut zero, i);
             }
         }
-        let frame = Frame { kind: KIND_CHUNK, a: first as u64, b: span as u32, c: data as u32, sent, zero };
+        let frame = Frame {
+            kind: KIND_CHUNK,
+            a: first as u64,
+            b: span as u32,
+            c: data as u32,
+            sent,
+            zero,
+        };
         let n = seal(&mut buf, &frame, data * ps);
-        emit(&buf[..n], &format!("chunk {} (pages {first}..{})", local.chunks, first + span), &mut local, count(&sent), count(&zero), 1)?;
+        let what = format!("chunk {chunks} (pages {first}..{})", first + span);
+        if !ship(buf, n, count(&sent), count(&zero), 1, what) {
+            return Ok(());
+        }
+        (chunks, sent_pages, zero_pages) = (chunks + 1, sent_pages + count(&sent), zero_pages + count(&zero));
     }
+    let Ok(mut buf) = free.recv() else { return Ok(()) };
     let end = Frame {
         kind: KIND_END,
-        a: local.chunks,
-        sent: [local.pages, local.zero_pages, 0, 0],
+        a: chunks,
+        sent: [sent_pages, zero_pages, 0, 0],
         ..Frame::default()
     };
     let n = seal(&mut buf, &end, 0);
-    emit(&buf[..n], "the end frame", &mut local, 0, 0, 0)?;
-    Ok(local)
+    ship(buf, n, 0, 0, 0, "the end frame".into());
+    Ok(())
 }
 
 /// Receive a stream sent by [`send`] over the same number of `fds` into `m`,
@@ -212,28 +291,59 @@ fn recv_channel(m: &Mapping, fds: &[BorrowedFd<'_>], ch: usize, ctl: &Control<'_
         let op = || format!("page stream channel {ch}: receiving frame {nframe}");
         let got = read_full(fd, &mut buf[..HEADER], ctl, &op)?;
         if got < HEADER {
-            return Err(err(nframe, format!("truncated: the stream ended after {got} of {HEADER} header bytes (no end marker)")));
+            return Err(err(
+                nframe,
+                format!("truncated: the stream ended after {got} of {HEADER} header bytes (no end marker)"),
+            ));
         }
         let f = Frame::decode(&buf[..HEADER]).ok_or_else(|| {
-            err(nframe, format!("bad magic {:#010x} (expected {MAGIC:#010x})", u32::from_le_bytes(buf[..4].try_into().expect("4"))))
+            err(
+                nframe,
+                format!(
+                    "bad magic {:#010x} (expected {MAGIC:#010x})",
+                    u32::from_le_bytes(buf[..4].try_into().expect("4"))
+                ),
+            )
         })?;
-        let expected_kind = if nframe == 0 { "a start frame" } else { "a chunk or end frame" };
+        let expected_kind = if nframe == 0 {
+            "a start frame"
+        } else {
+            "a chunk or end frame"
+        };
         let data = match f.kind {
             KIND_START if nframe == 0 => 0,
             KIND_CHUNK | KIND_END if nframe > 0 => {
-                if f.kind == KIND_CHUNK { check_chunk(&f, pages, win).map_err(|e| err(nframe, e))? } else { 0 }
+                if f.kind == KIND_CHUNK {
+                    check_chunk(&f, pages, win).map_err(|e| err(nframe, e))?
+                } else {
+                    0
+                }
             }
-            k => return Err(err(nframe, format!("unexpected frame kind {k} (expected {expected_kind})"))),
+            k => {
+                return Err(err(
+                    nframe,
+                    format!("unexpected frame kind {k} (expected {expected_kind})"),
+                ));
+            }
         };
         let len = HEADER + data * ps + SUM;
         let got = read_full(fd, &mut buf[HEADER..len], ctl, &op)?;
         if got < len - HEADER {
-            return Err(err(nframe, format!("truncated: the stream ended after {got} of {} bytes of data and checksum", len - HEADER)));
+            return Err(err(
+                nframe,
+                format!(
+                    "truncated: the stream ended after {got} of {} bytes of data and checksum",
+                    len - HEADER
+                ),
+            ));
         }
         let sum = u64::from_le_bytes(buf[len - SUM..len].try_into().expect("8 bytes"));
         let want = xxh3_64(&buf[..len - SUM]);
         if sum != want {
-            return Err(err(nframe, format!("checksum mismatch (frame says {sum:#018x}, contents hash to {want:#018x})")));
+            return Err(err(
+                nframe,
+                format!("checksum mismatch (frame says {sum:#018x}, contents hash to {want:#018x})"),
+            ));
         }
         nframe += 1;
         match f.kind {
@@ -254,11 +364,14 @@ fn recv_channel(m: &Mapping, fds: &[BorrowedFd<'_>], ch: usize, ctl: &Control<'_
             _ => {
                 let (chunks, sent_pages, zero) = (f.a, f.sent[0], f.sent[1]);
                 if (chunks, sent_pages, zero) != (local.chunks, local.pages, local.zero_pages) {
-                    return Err(err(nframe - 1, format!(
-                        "end marker says {chunks} chunks, {sent_pages} pages, {zero} zero pages; \
+                    return Err(err(
+                        nframe - 1,
+                        format!(
+                            "end marker says {chunks} chunks, {sent_pages} pages, {zero} zero pages; \
                          received {} chunks, {} pages, {} zero pages",
-                        local.chunks, local.pages, local.zero_pages
-                    )));
+                            local.chunks, local.pages, local.zero_pages
+                        ),
+                    ));
                 }
                 ctl.count(&mut local, len as u64, 0, 0, 0);
                 return Ok(local);
@@ -277,7 +390,10 @@ fn check_start(f: &Frame, m: &Mapping, channels: usize, ch: usize, win: usize) -
     if f.b as usize != m.page_size() || f.a != m.pages() as u64 {
         return Err(format!(
             "the sender's region has {} pages of {} bytes; this region has {} pages of {} bytes",
-            f.a, f.b, m.pages(), m.page_size()
+            f.a,
+            f.b,
+            m.pages(),
+            m.page_size()
         ));
     }
     if f.sent[..3] != [ch as u64, channels as u64, win as u64] {
@@ -293,10 +409,16 @@ fn check_start(f: &Frame, m: &Mapping, channels: usize, ch: usize, win: usize) -
 fn check_chunk(f: &Frame, pages: usize, win: usize) -> Result<usize, String> {
     let span = f.b as usize;
     if span == 0 || span > win || f.a % win as u64 != 0 {
-        return Err(format!("bad chunk: first page {} span {span} (windows are {win} pages)", f.a));
+        return Err(format!(
+            "bad chunk: first page {} span {span} (windows are {win} pages)",
+            f.a
+        ));
     }
     if f.a.checked_add(span as u64).is_none_or(|end| end > pages as u64) {
-        return Err(format!("chunk pages {}+{span} lie outside the region of {pages} pages", f.a));
+        return Err(format!(
+            "chunk pages {}+{span} lie outside the region of {pages} pages",
+            f.a
+        ));
     }
     let beyond = (span..256).any(|i| bit(&f.sent, i) || bit(&f.zero, i));
     let stray_zero = f.zero.iter().zip(&f.sent).any(|(z, s)| z & !s != 0);
@@ -347,7 +469,10 @@ mod tests {
             let st = send(&sm, Some(src.fd()), &tx, None, 0, &ctl).unwrap();
             (st, h.join().unwrap())
         });
-        assert_eq!((s.pages, s.zero_pages, s.chunks, s.bytes), (r.pages, r.zero_pages, r.chunks, r.bytes));
+        assert_eq!(
+            (s.pages, s.zero_pages, s.chunks, s.bytes),
+            (r.pages, r.zero_pages, r.chunks, r.bytes)
+        );
         assert_eq!((s.pages, s.zero_pages), (1000, 666));
         let (mut a, mut b) = (vec![0u8; 1000 * 4096], vec![0u8; 1000 * 4096]);
         sm.read(0, &mut a).unwrap();
@@ -357,7 +482,14 @@ mod tests {
 
     #[test]
     fn frame_roundtrip_and_checks() {
-        let f = Frame { kind: KIND_CHUNK, a: 256, b: 256, c: 1, sent: [3, 0, 0, 0], zero: [1, 0, 0, 0] };
+        let f = Frame {
+            kind: KIND_CHUNK,
+            a: 256,
+            b: 256,
+            c: 1,
+            sent: [3, 0, 0, 0],
+            zero: [1, 0, 0, 0],
+        };
         let mut b = [0u8; HEADER];
         f.encode(&mut b);
         assert_eq!(Frame::decode(&b), Some(f));
@@ -366,6 +498,16 @@ mod tests {
         assert!(check_chunk(&Frame { b: 1 << 31, ..f }, 512, 256).is_err());
         assert!(check_chunk(&Frame { a: u64::MAX - 255, ..f }, 512, 256).is_err());
         assert!(check_chunk(&Frame { c: 2, ..f }, 512, 256).is_err());
-        assert!(check_chunk(&Frame { zero: [4, 0, 0, 0], ..f }, 512, 256).is_err());
+        assert!(
+            check_chunk(
+                &Frame {
+                    zero: [4, 0, 0, 0],
+                    ..f
+                },
+                512,
+                256
+            )
+            .is_err()
+        );
     }
 }
