@@ -101,7 +101,7 @@ class Vmm:
                 try:
                     qmp.connect()
                     break
-                except OSError:  # the old server's file, before the new one listens
+                except Exception:  # noqa: BLE001 (the old server going away under an exec: retry)
                     with contextlib.suppress(Exception):
                         qmp.close()
                     time.sleep(0.02)
@@ -116,8 +116,13 @@ class Vmm:
             return any(line.split()[-1] == path and line.split()[3] == "00010000" for line in f if len(line.split()) >= 8)
 
     def reconnect(self) -> QEMUMonitorProtocol:
-        """Drop the connection (the process exec'd) and connect to its new QMP server."""
+        """Wait until the process exec's (its QMP connection drops), then connect to the new server."""
         if self._qmp is not None:
+            deadline = time.monotonic() + 60
+            with contextlib.suppress(Exception):  # the disconnect ends the loop
+                while time.monotonic() < deadline:
+                    self._qmp.cmd("query-status")
+                    time.sleep(0.005)
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None

@@ -13,6 +13,7 @@ resumes the guest, so nothing here may pull in the QMP server or NumPy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,6 +58,16 @@ def write_main(fd: int, devices: DeviceRegistry, run_state: str) -> int:
         writer.device(section)
     writer.end()
     return writer.bytes
+
+
+def encode_main(devices: DeviceRegistry, run_state: str) -> bytes:
+    """The CPR main stream as bytes (built in a memfd), for senders that must not block while writing it."""
+    fd = os.memfd_create("cprfast-main", os.MFD_CLOEXEC)
+    try:
+        size = write_main(fd, devices, run_state)
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
 
 
 def _no_ram(name: str, fd: int) -> None:
@@ -107,4 +118,4 @@ def register(
         )
 
 
-__all__ = ["RUN_STATE_SECTION", "CprHost", "PreStopState", "read_main", "register", "write_main"]
+__all__ = ["RUN_STATE_SECTION", "CprHost", "PreStopState", "encode_main", "read_main", "register", "write_main"]

@@ -11,9 +11,11 @@ Guest-RAM memfds are passive memory, so we hand over in two phases:
    ``migrate-incoming``). The source then pre-connects the main channel (``L``)
    and the second cpr connection, so no connect is left on the pause path.
 2. **Devices, after the stop** (seed 004: no device fd is driven by two
-   processes): a second CPR state with the device fds, then the main stream
-   (run state + device state; RAM stays in place). Deferred targets first close
-   the cpr socket once they listen (QEMU's HUP) and the source connects then.
+   processes): the main stream (run state + device state; RAM stays in place)
+   and a second CPR state with the device fds. A listening target gets the
+   device state first, so one wake-up finds everything it needs; a deferred
+   target first closes the cpr socket once it listens (QEMU's HUP) and the
+   source connects and sends the device state then.
 
 The target answers ``K`` on the main channel once it runs the guest; the source
 completes only then, so a target that dies after receiving the fds leaves the
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 from cprfast.channels import ChannelType, FdAddress, MigrationAddress, UnixAddress, connect, listen
 from cprfast.cpr_state import SCM_MAX_FD, CprState, receive_state, send_state, wait_hup
 from cprfast.errors import MigrationError
-from cprfast.modes import CprHost, PreStopState, read_main, write_main
+from cprfast.modes import CprHost, PreStopState, encode_main, read_main
 
 if TYPE_CHECKING:
     from cprfast.channels import Listener
@@ -56,11 +58,19 @@ def _recv_ack(sock: socket.socket, ctx: MigrationContext, what: str) -> bytes:
         data = sock.recv(1)
     except OSError as e:
         ctx.check_cancelled()
-        raise MigrationError(f"cpr-transfer: waiting for the target {what}: {e}") from e
+        raise MigrationError(f"cpr-transfer: the target closed the connection before {what} ({e.strerror})") from e
     if not data:
         ctx.check_cancelled()
         raise MigrationError(f"cpr-transfer: the target closed the connection before {what}")
     return data
+
+
+def _send_nowait(sock: socket.socket, data: bytes) -> int:
+    """Send what fits in the socket buffer now; returns the bytes sent."""
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
 
 
 class _Outgoing:
@@ -135,13 +145,18 @@ class TransferDriver:
         """Phase 2, guest stopped: device fds, then device state; wait until the target runs."""
         out = self._out
         assert out is not None and out.devices_sock is not None, "prepare() did not run"
-        with _subset(self.host.cpr, set(self.host.ram_keys), ram=False) as devices:
-            send_state(devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
-        if out.main is None:
-            wait_hup(out.devices_sock)
-            out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
+        stream = encode_main(self.host.devices, self.pre_stop.value)
         try:
-            write_main(out.main.fileno(), self.host.devices, self.pre_stop.value)
+            # Pre-connected: device state goes first (as much as the socket takes without
+            # blocking), so the target finds it waiting when the device fds wake it up.
+            sent = _send_nowait(out.main, stream) if out.main is not None else 0
+            with _subset(self.host.cpr, set(self.host.ram_keys), ram=False) as devices:
+                send_state(devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
+            if out.main is None:
+                wait_hup(out.devices_sock)
+                out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
+            if sent < len(stream):  # (a send of nothing to a target that already read it all and hung up is EPIPE)
+                out.main.sendall(memoryview(stream)[sent:])
         except OSError as e:
             ctx.check_cancelled()
             raise MigrationError(f"cpr-transfer: sending device state failed: {e}") from e

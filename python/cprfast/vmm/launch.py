@@ -9,6 +9,7 @@ server are imported and created.
 from __future__ import annotations
 
 import os
+import time
 
 from cprfast.channels import DEFER, ChannelType, FileAddress, MigrationAddress, parse_incoming
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_incoming
@@ -87,6 +88,7 @@ def _exec_successor(cfg: Config, defer: bool, main: MigrationAddress | None, cpr
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
             return machine
         run_state = load_file(main, machine)
+        machine.timeline["loaded"] = time.monotonic_ns()
         machine.resume_loaded(run_state)
         machine.attach_migration(run_state)
         machine.incoming_done()
@@ -108,6 +110,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         machine = _adopt(cfg, target.receive_ram())
         target.ram_ready()
         target.receive_devices(machine.cpr)
+        machine.timeline["devices-received"] = time.monotonic_ns()
         machine.create_devices()
         if defer:
             machine.attach_migration(
@@ -115,6 +118,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
             )
             return machine
         run_state = target.load(None, machine.devices)
+        machine.timeline["loaded"] = time.monotonic_ns()
         machine.resume_loaded(run_state)
         target.confirm()
         machine.attach_migration(run_state)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from cprfast import _core
@@ -72,6 +73,8 @@ class Machine:
         self.qmp: QMPServer | None = None
         self.heartbeat_at_stop: int | None = None
         self.heartbeat_at_start: int | None = None
+        self.timeline: dict[str, int] = {}
+        """CLOCK_MONOTONIC ns of the guest's last stop and start, comparable across processes."""
 
     # ------------------------------------------------------------------ construction steps
 
@@ -137,6 +140,7 @@ class Machine:
     def vm_stop(self, state: RunState) -> None:
         """Pause the guest; remember its heartbeat (the last value this process let it write)."""
         self.guest.pause()
+        self.timeline["stopped"] = time.monotonic_ns()
         self.heartbeat_at_stop = self.guest.heartbeat
 
     def vm_start(self, state: RunState) -> None:
@@ -144,6 +148,7 @@ class Machine:
         if state == "running":
             self.heartbeat_at_start = self.guest.heartbeat
             self.guest.resume()
+            self.timeline["resumed"] = time.monotonic_ns()
 
     def resume_loaded(self, run_state: str) -> None:
         """Start a guest whose state was just loaded, if its predecessor was running it."""
@@ -165,6 +170,7 @@ class Machine:
             "heartbeat-at-stop": self.heartbeat_at_stop,
             "heartbeat-at-start": self.heartbeat_at_start,
             "ram": {"name": self.region.name, "size": self.region.size, "fd": self.cpr.find_fd(RAM_NAME, 0)},
+            "timeline": dict(self.timeline),
             "doorbell": self.doorbell.query(),
             "console": self.console.query() if self.console is not None else None,
         }
