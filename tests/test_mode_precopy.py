@@ -8,8 +8,10 @@ import socket
 import time
 from pathlib import Path
 
+import _vmm as ref
 import numpy as np
 import pytest
+from _vmm import guest_kinds, vmms
 from vmm_client import Vmm, kvm_or_skip
 
 RAM = 128 << 20
@@ -99,6 +101,35 @@ def test_precopy_to_file_and_exec(tmp_path: Path, transport: str) -> None:
         src.close()
 
 
+@pytest.mark.parametrize("kind", ["socketpair", "pipe"])
+def test_precopy_over_inherited_fd(tmp_path: Path, kind: str) -> None:
+    """``fd:N`` on both sides: an inherited connected socket (or a pipe) carries the stream."""
+    a, b = socket.socketpair() if kind == "socketpair" else (None, None)
+    r, w = (b.fileno(), a.fileno()) if a is not None and b is not None else os.pipe()
+    common = ["--ram", str(RAM), "--hot", str(HOT)]
+    try:
+        dst = Vmm(tmp_path, "dst", *common, "--incoming", f"fd:{r}", "--start-sums", str(tmp_path / "dst.npy"),
+                  pass_fds=(r,))
+        src = Vmm(tmp_path, "src", *common, "--postmigrate-sums", str(tmp_path / "src.npy"), pass_fds=(w,))
+    finally:
+        for s in (a, b):
+            if s is not None:
+                s.close()
+        if a is None:
+            os.close(r)
+            os.close(w)
+    try:
+        src.cmd("x-set-blob", data="device state")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+        src.cmd("migrate", uri=f"fd:{w}")
+        assert src.wait_status({"completed", "failed"})["status"] == "completed"
+        assert dst.wait_status({"completed", "failed"})["status"] == "completed"
+        _check_switchover(tmp_path, src, dst)
+    finally:
+        src.close()
+        dst.close()
+
+
 def _cold_pages(sums: np.ndarray) -> np.ndarray:
     """Checksums of pages no guest writes: above the hot set (below it a KVM guest has its
     stack, page tables with accessed/dirty bits, and the heartbeat)."""
@@ -169,3 +200,33 @@ def test_target_killed_mid_stream(tmp_path: Path) -> None:
     finally:
         src.close()
         dst.close()
+
+
+# --------------------------------------------------------------- with the reference VMM (python -m cprfast.vmm)
+
+
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_reference_vmm_precopy(tmp_path: Path, guest: str) -> None:
+    """The reference VMM migrates with mode normal: RAM pattern, heartbeat and device state arrive."""
+    uri = f"unix:{tmp_path}/main.sock"
+    with vmms() as procs:
+        dst = ref.Vmm(tmp_path, "dst", "-m", "256M", "--hot", "64M", "--guest", guest, "-incoming", uri)
+        procs.append(dst)
+        src = ref.Vmm(tmp_path, "src", "-m", "256M", "--hot", "64M", "--guest", guest)
+        procs.append(src)
+        src.wait_heartbeat_moves()
+        src.cmd("x-doorbell", message="one")
+        with ref.ram_of(src) as ram:
+            ref.fill_cold(ram, HOT)
+            cold = ref.cold_checksums(ram, HOT)
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
+        src.cmd("migrate", uri=uri)
+        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        ref.wait_until(lambda: dst.status() == "running", what="target running")
+        after_src, after_dst = src.guest(), dst.guest()
+        assert src.status() == "postmigrate" and not after_src["running"]
+        assert after_dst["heartbeat-at-start"] == after_src["heartbeat-at-stop"]
+        assert dst.wait_heartbeat_moves() > after_src["heartbeat-at-stop"]
+        assert after_dst["doorbell"]["log"] == ["one"]
+        with ref.ram_of(dst) as ram:
+            np.testing.assert_array_equal(ref.cold_checksums(ram, HOT), cold)

@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import _vmm as ref
 import numpy as np
 import pytest
+from _vmm import guest_kinds, vmms
 from vmm_client import Vmm, kvm_or_skip
 
 RAM = 128 << 20
@@ -164,3 +166,33 @@ def test_corrupt_file_is_refused(tmp_path: Path, where: str) -> None:
         assert not os.path.exists(tmp_path / "dst.npy"), "a guest was started from a corrupt save"
     finally:
         dst.close()
+
+
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_reference_vmm_reboot(tmp_path: Path, guest: str) -> None:
+    """``python -m cprfast.vmm``: save with cpr-reboot, quit, restore in a new process with defer."""
+    uri = f"file:{tmp_path}/vm.sav"
+    with vmms() as procs:
+        src = ref.Vmm(tmp_path, "src", "-m", "256M", "--hot", "64M", "--guest", guest)
+        procs.append(src)
+        src.wait_heartbeat_moves()
+        src.cmd("x-doorbell", message="one")
+        src.cmd("migrate-set-parameters", mode="cpr-reboot")
+        src.cmd("migrate", uri=uri)
+        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        stopped_at = src.guest()["heartbeat-at-stop"]
+        with ref.ram_of(src) as ram:
+            sums = ram.checksums()
+        src.quit()
+        dst = ref.Vmm(tmp_path, "dst", "-m", "256M", "--hot", "64M", "--guest", guest, "-incoming", "defer")
+        procs.append(dst)
+        dst.cmd("migrate-set-parameters", mode="cpr-reboot")
+        dst.cmd("stop")  # stay paused after the load, to compare memory
+        dst.cmd("migrate-incoming", uri=uri)
+        assert dst.wait_migration("completed", "failed")["status"] == "completed"
+        assert dst.status() == "paused"
+        with ref.ram_of(dst) as ram:
+            np.testing.assert_array_equal(ram.checksums(), sums)
+        assert dst.guest()["doorbell"]["log"] == ["one"]
+        dst.cmd("cont")
+        assert dst.wait_heartbeat_moves() > stopped_at

@@ -29,13 +29,14 @@ def kvm_or_skip(kind: str) -> None:
 class Vmm:
     """One ram_vmm.py child process and a QMP connection to it."""
 
-    def __init__(self, tmp: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp: Path, name: str, *args: str, pass_fds: tuple[int, ...] = ()) -> None:
         self.qmp_path = str(tmp / f"{name}.qmp")
         with open(tmp / f"{name}.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(HERE / "ram_vmm.py"), "--qmp", self.qmp_path, *args],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                pass_fds=pass_fds,
             )
         deadline = time.monotonic() + 30
         while True:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cprfast.errors import StreamError
 from cprfast.stream import Section, StreamWriter, read_stream
@@ -104,10 +104,13 @@ def register(
     started with ``-incoming defer``); and, on a cpr-transfer target, the incoming
     driver that finishes what ``transfer_target`` began at start-up.
     """
+    from cprfast.modes import precopy, reboot
     from cprfast.modes.exec import ExecDriver, ExecIncoming
     from cprfast.modes.transfer import TransferDriver, TransferIncoming
     from cprfast.status import MigMode
 
+    precopy.register(migration, cast("precopy.RamHost", host))
+    reboot.register(migration, cast("precopy.RamHost", host))
     pre_stop = PreStopState(migration)
     migration.register_mode_driver(MigMode.CPR_TRANSFER, TransferDriver(host, pre_stop))
     migration.register_mode_driver(MigMode.CPR_EXEC, ExecDriver(host, pre_stop))

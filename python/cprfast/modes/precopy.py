@@ -29,34 +29,42 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Protocol
 
-import numpy as np
-import numpy.typing as npt
-
 from cprfast import _core
 from cprfast import channels as ch
 from cprfast.errors import MigrationError, StreamError
+from cprfast.modes import RUN_STATE_SECTION, PreStopState
 from cprfast.stream import Section, StreamWriter, read_stream
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
     from cprfast.devices import DeviceRegistry
     from cprfast.migration import IncomingContext, MigrationContext, MigrationState, RamCounters
     from cprfast.status import RunState
 
 log = logging.getLogger(__name__)
 
-RUN_STATE_SECTION = "cprfast/run-state"
-"""First device section: the source VM's run state before it stopped (what the target resumes into)."""
 BANDWIDTH_WINDOW_S = 0.1
 """Bandwidth is re-measured over at least this much sending time (QEMU: 100 ms)."""
 
 
 class RamHost(Protocol):
-    """What the RAM-copying modes need from a VMM."""
+    """What the RAM-copying modes need from a VMM.
+
+    Optionally also ``dirty_log(on: bool) -> tuple[int, int] | None``: switch the KVM
+    dirty log of the RAM slot on or off and return ``(vm_fd, slot)`` (None: no KVM).
+    With it, a KVM guest is tracked by the KVM dirty log; without it (or when it
+    returns None) by kernel write tracking (uffd-wp + PAGEMAP_SCAN), which sees a
+    KVM guest's writes as well: re-protecting a page makes KVM drop its mapping
+    through the MMU notifier, so the guest's next write faults and is recorded.
+    """
 
     @property
     def region(self) -> _core.Region:
@@ -67,22 +75,6 @@ class RamHost(Protocol):
     def devices(self) -> DeviceRegistry:
         """The devices whose state travels on the main channel."""
         ...
-
-    def dirty_log(self, on: bool) -> tuple[int, int] | None:
-        """Switch the KVM dirty log of the RAM slot on/off; return ``(vm_fd, slot)``, None without KVM."""
-        ...
-
-
-class RunStateBeforeStop:
-    """The VM's run state just before the migration stopped it (suspended stays suspended)."""
-
-    def __init__(self, migration: MigrationState) -> None:
-        self.value = str(migration.run_state)
-        migration.subscribe_run_state(self._changed)
-
-    def _changed(self, old: str, new: str) -> None:
-        if new == "finish-migrate":
-            self.value = str(old)
 
 
 def write_devices(writer: StreamWriter, devices: DeviceRegistry, run_state: str) -> None:
@@ -117,6 +109,12 @@ def open_outgoing(addr: ch.MigrationAddress, register: Callable[[socket.socket],
     elif isinstance(addr, ch.ExecAddress):
         with _child(addr, write=True) as pipe:
             yield pipe.fileno()
+    elif isinstance(addr, ch.FdAddress) and not _is_socket(_inherited(addr)):
+        fd = _inherited(addr)
+        try:  # a pipe or a file: written as a stream, then closed (QEMU owns an fd: channel too)
+            yield fd
+        finally:
+            os.close(fd)
     else:
         sock = ch.connect(addr, timeout=10.0)
         register(sock)
@@ -136,11 +134,38 @@ def open_incoming(addr: ch.MigrationAddress) -> Iterator[int]:
     elif isinstance(addr, ch.ExecAddress):
         with _child(addr, write=False) as pipe:
             yield pipe.fileno()
+    elif isinstance(addr, ch.FdAddress) and not _is_listening(_inherited(addr)):
+        fd = _inherited(addr)
+        try:  # QEMU reads an fd: main channel directly (a connected socket or a pipe)
+            yield fd
+        finally:
+            os.close(fd)
     else:
         with ch.listen(addr) as listener:
             sock = listener.accept()
         with sock:
             yield sock.fileno()
+
+
+def _inherited(addr: ch.FdAddress) -> int:
+    if isinstance(addr.fd, str):
+        raise MigrationError(f"{addr.uri}: named monitor fds are not supported here; pass an fd number")
+    try:
+        os.fstat(addr.fd)
+    except OSError as e:
+        raise MigrationError(f"{addr.uri}: fd {addr.fd} is not open: {e.strerror}") from None
+    return addr.fd
+
+
+def _is_socket(fd: int) -> bool:
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+def _is_listening(fd: int) -> bool:
+    if not _is_socket(fd):
+        return False
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 @contextlib.contextmanager
@@ -187,7 +212,7 @@ class PrecopyDriver:
 
     def __init__(self, host: RamHost, migration: MigrationState) -> None:
         self.host = host
-        self.migration = migration
+        self.before_stop = PreStopState(migration)
         self._sockets: list[socket.socket] = []
 
     def cancel(self, ctx: MigrationContext) -> None:
@@ -213,14 +238,15 @@ class PrecopyDriver:
 
     @contextlib.contextmanager
     def _tracking(self, region: _core.Region) -> Iterator[_core.Tracker]:
-        kvm = self.host.dirty_log(True)
+        dirty_log: Callable[[bool], tuple[int, int] | None] | None = getattr(self.host, "dirty_log", None)
+        kvm = dirty_log(True) if dirty_log is not None else None
         try:
             tracker = _core.Tracker(region, kernel=kvm is None, kvm=kvm)
             with tracker:
                 yield tracker
         finally:
-            if kvm is not None:
-                self.host.dirty_log(False)
+            if dirty_log is not None and kvm is not None:
+                dirty_log(False)
 
     def _send(
         self, ctx: MigrationContext, writer: StreamWriter, dirty: npt.NDArray[np.uint64] | None, bandwidth: int
@@ -272,13 +298,12 @@ class PrecopyDriver:
             ram.precopy_bytes = writer.bytes
         log.info("precopy converged after %d syncs: %d bytes left, threshold %d", ram.dirty_sync_count, pending,
                  int(threshold))
-        run_state = str(self.migration.run_state)
         ctx.switchover()
         final = tracker.sync()
         ram.dirty_sync_count += 1
         before = writer.bytes
-        self._send(ctx, writer, np.bitwise_or(dirty.words, final.words), 0)
-        write_devices(writer, self.host.devices, run_state)
+        self._send(ctx, writer, dirty.words | final.words, 0)
+        write_devices(writer, self.host.devices, self.before_stop.value)
         ram.downtime_bytes = writer.bytes - before
         ram.transferred = writer.bytes
         ram.remaining = 0

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from cprfast import _core
 from cprfast import channels as ch
 from cprfast.errors import MigrationError, StreamError
-from cprfast.modes.precopy import RamHost, RunStateBeforeStop, load_devices, write_devices
+from cprfast.modes import PreStopState
+from cprfast.modes.precopy import RamHost, load_devices, write_devices
 from cprfast.stream import StreamWriter, read_stream
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class RebootDriver:
 
     def __init__(self, host: RamHost, migration: MigrationState) -> None:
         self.host = host
-        self.before_stop = RunStateBeforeStop(migration)
+        self.before_stop = PreStopState(migration)
 
     def run(self, ctx: MigrationContext) -> None:
         """Write RAM and device state to the file (the VM is stopped already)."""
