@@ -35,8 +35,12 @@ pytest: build
 
 test: build rust-test lint pytest
 
+# Micro-benchmarks and live-update scenarios; JSON and plots in bench/results/ (about 15 min).
 bench: build
-	$(PY) -m pytest bench -q --benchmark-only
+	$(VENV)/bin/cprfast bench
+
+bench-quick: build
+	$(VENV)/bin/cprfast bench --quick
 
 # Install QEMU 10.x (Debian bookworm-backports) for the side-by-side QEMU benchmark and
 # the conformance test against a real QEMU cpr stream. Idempotent; needs root.

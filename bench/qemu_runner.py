@@ -158,7 +158,6 @@ class Qemu:
             with contextlib.suppress(Exception):
                 self.qmp.close()
             self.qmp = None
-            close_thread_loop()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -256,6 +255,7 @@ def pick_accel(image: Path, workdir: Path) -> tuple[str, str]:
         note = str(e).splitlines()[0] if str(e) else type(e).__name__
         return "tcg", f"QEMU with -accel kvm does not run the guest on this host ({note}); using TCG"
     src.close()
+    close_thread_loop()
     return "kvm", "KVM runs the guest"
 
 
@@ -399,6 +399,7 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
             if dst is not None:
                 dst.close()
             src.close()
+            close_thread_loop()
         ram_info = info.get("ram", {})
         return Run(
             pause_ms=_stall_overlapping(report, t0, t1) / 1e6,

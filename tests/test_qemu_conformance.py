@@ -87,6 +87,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
         yield Source(vm, workdir)
     finally:
         vm.close()
+        qr.close_thread_loop()
 
 
 def heartbeat(region: Region) -> int:
