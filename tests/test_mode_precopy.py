@@ -217,7 +217,9 @@ def test_reference_vmm_precopy(tmp_path: Path, guest: str) -> None:
             cold = ref.cold_checksums(ram, HOT)
         src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 << 30})
         src.cmd("migrate", uri=uri)
-        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        done = src.wait_migration("completed", "failed")
+        assert done["status"] == "completed"
+        assert len(done["ram"]["x-dirty-history"]) == done["ram"]["dirty-sync-count"] >= 2
         ref.wait_until(lambda: dst.status() == "running", what="target running")
         after_src, after_dst = src.guest(), dst.guest()
         assert src.status() == "postmigrate" and not after_src["running"]

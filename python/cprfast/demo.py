@@ -101,7 +101,7 @@ class StepResult:
     fd_same: bool | None
     """The preserved console pipe is the same kernel object; None where the mode preserves no fds."""
     dirty_pages: list[int] = field(default_factory=list)
-    """Normal mode: dirty pages found at each sync (from query-migrate, polled)."""
+    """Normal mode: dirty pages found at each sync (query-migrate's x-dirty-history)."""
 
     @property
     def ok(self) -> bool:
@@ -339,11 +339,9 @@ def _wait(pred: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
         time.sleep(0.002)
 
 
-def _completed(vmm: Vmm, what: str, poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def _completed(vmm: Vmm, what: str) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         info: dict[str, Any] = vmm.cmd("query-migrate")
-        if poll is not None:
-            poll(info)
         if info.get("status") == "failed":
             raise RuntimeError(f"{what}: migration failed: {info.get('error-desc')}\n{vmm.log_tail()}")
         return info if info.get("status") == "completed" else None
@@ -561,17 +559,10 @@ class LiveGuest:
         src.cmd("migrate-set-parameters", **{"max-bandwidth": NORMAL_BANDWIDTH})
         dst = self._start("-incoming", uri)
         follower = _Follower(observer, src_ram, dst.ram_path())
-        dirty: dict[int, int] = {}
-
-        def record(info: dict[str, Any]) -> None:
-            ram = info.get("ram", {})
-            if "remaining" in ram and ram.get("dirty-sync-count", 0) > 0:
-                dirty[ram["dirty-sync-count"]] = ram["remaining"] // ram["page-size"]
-
         try:
             start = time.monotonic()
             src.cmd("migrate", uri=uri)
-            info = _completed(src, "normal migration", record)
+            info = _completed(src, "normal migration")
             total = self._ready(dst, start)
             follower.wait(TIMEOUT)
         finally:
@@ -581,7 +572,7 @@ class LiveGuest:
             "bytes": info["ram"]["transferred"],
             "downtime": info.get("downtime"),
             "heartbeat-at-stop": src.guest()["heartbeat-at-stop"],
-            "dirty_pages": [dirty[k] for k in sorted(dirty)],
+            "dirty_pages": info["ram"]["x-dirty-history"],
         }
 
 

@@ -107,6 +107,8 @@ class RamCounters:
     precopy_bytes: int = 0
     downtime_bytes: int = 0
     mbps: float = 0.0
+    dirty_history: list[int] = dataclasses.field(default_factory=list)
+    """Pages found dirty by each sync, in order (``x-dirty-history``: plots, convergence checks)."""
 
     def as_qmp(self, with_remaining: bool) -> dict[str, object]:
         """The ``ram`` member of ``query-migrate``."""
@@ -122,6 +124,7 @@ class RamCounters:
             "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes,
             "mbps": self.mbps,
+            "x-dirty-history": list(self.dirty_history),
         }
         if with_remaining:
             out["remaining"] = self.remaining

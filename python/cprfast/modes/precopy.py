@@ -282,6 +282,7 @@ class PrecopyDriver:
             dirty = tracker.sync()
             now = time.monotonic()
             ram.dirty_sync_count += 1
+            ram.dirty_history.append(dirty.count)
             ram.dirty_pages_rate = int(dirty.count / max(now - last_sync, 1e-6))
             last_sync = now
             pending = dirty.count * ram.page_size
@@ -301,6 +302,7 @@ class PrecopyDriver:
         ctx.switchover()
         final = tracker.sync()
         ram.dirty_sync_count += 1
+        ram.dirty_history.append(final.count)
         before = writer.bytes
         self._send(ctx, writer, dirty.words | final.words, 0)
         write_devices(writer, self.host.devices, self.before_stop.value)
