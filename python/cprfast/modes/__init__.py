@@ -50,13 +50,26 @@ class CprHost(Protocol):
         ...
 
 
-def write_main(fd: int, devices: DeviceRegistry, run_state: str) -> int:
-    """Write a CPR main stream (run state, then every device; no RAM); returns its bytes."""
-    writer = StreamWriter(fd)
+def write_devices(writer: StreamWriter, devices: DeviceRegistry, run_state: str) -> None:
+    """The device sections (the source's run state first) and the end marker; every mode ends so."""
     writer.device(Section(RUN_STATE_SECTION, 0, 1, run_state.encode()))
     for section in devices.save():
         writer.device(section)
     writer.end()
+
+
+def load_devices(sections: list[Section], devices: DeviceRegistry) -> str:
+    """Apply verified device sections; returns the source's run state."""
+    if not sections or sections[0].name != RUN_STATE_SECTION:
+        raise StreamError(f"main stream does not start with the {RUN_STATE_SECTION!r} section")
+    devices.load(sections[1:])
+    return sections[0].payload.decode()
+
+
+def write_main(fd: int, devices: DeviceRegistry, run_state: str) -> int:
+    """Write a CPR main stream (run state, then every device; no RAM); returns its bytes."""
+    writer = StreamWriter(fd)
+    write_devices(writer, devices, run_state)
     return writer.bytes
 
 
@@ -76,11 +89,7 @@ def _no_ram(name: str, fd: int) -> None:
 
 def read_main(fd: int, devices: DeviceRegistry) -> str:
     """Read and verify a whole CPR main stream, then load the devices; returns the source run state."""
-    sections = read_stream(fd, _no_ram)
-    if not sections or sections[0].name != RUN_STATE_SECTION:
-        raise StreamError(f"CPR main stream does not start with the {RUN_STATE_SECTION!r} section")
-    devices.load(sections[1:])
-    return sections[0].payload.decode()
+    return load_devices(read_stream(fd, _no_ram), devices)
 
 
 class PreStopState:
@@ -121,4 +130,14 @@ def register(
         )
 
 
-__all__ = ["RUN_STATE_SECTION", "CprHost", "PreStopState", "encode_main", "read_main", "register", "write_main"]
+__all__ = [
+    "RUN_STATE_SECTION",
+    "CprHost",
+    "PreStopState",
+    "encode_main",
+    "load_devices",
+    "read_main",
+    "register",
+    "write_devices",
+    "write_main",
+]

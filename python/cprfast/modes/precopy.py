@@ -38,8 +38,8 @@ from typing import IO, TYPE_CHECKING, Protocol
 from cprfast import _core
 from cprfast import channels as ch
 from cprfast.errors import MigrationError, StreamError
-from cprfast.modes import RUN_STATE_SECTION, PreStopState
-from cprfast.stream import Section, StreamWriter, read_stream
+from cprfast.modes import PreStopState, load_devices, write_devices
+from cprfast.stream import StreamWriter, read_stream
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,22 +75,6 @@ class RamHost(Protocol):
     def devices(self) -> DeviceRegistry:
         """The devices whose state travels on the main channel."""
         ...
-
-
-def write_devices(writer: StreamWriter, devices: DeviceRegistry, run_state: str) -> None:
-    """The device sections (run state first) and the end marker."""
-    writer.device(Section(RUN_STATE_SECTION, 0, 1, run_state.encode()))
-    for section in devices.save():
-        writer.device(section)
-    writer.end()
-
-
-def load_devices(sections: list[Section], devices: DeviceRegistry) -> str:
-    """Apply verified device sections; returns the source run state."""
-    if not sections or sections[0].name != RUN_STATE_SECTION:
-        raise StreamError(f"main stream does not carry the {RUN_STATE_SECTION!r} section first")
-    devices.load(sections[1:])
-    return sections[0].payload.decode()
 
 
 # --------------------------------------------------------------------------- channels

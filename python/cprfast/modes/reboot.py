@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from cprfast import _core
 from cprfast import channels as ch
 from cprfast.errors import MigrationError, StreamError
-from cprfast.modes import PreStopState
-from cprfast.modes.precopy import RamHost, load_devices, write_devices
+from cprfast.modes import PreStopState, load_devices, write_devices
+from cprfast.modes.precopy import RamHost
 from cprfast.stream import StreamWriter, read_stream
 
 if TYPE_CHECKING:
