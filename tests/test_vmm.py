@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from _vmm import PYTHON, Vmm, fd_targets, guest_kinds, vmms, wait_until
 
 from cprfast.vmm import RAM_NAME, Machine
-from cprfast.vmm.cli import UsageError, parse_args, parse_qmp, parse_size
+from cprfast.vmm.cli import UsageError, parse_args, parse_cpus, parse_qmp, parse_size
 
 
 def test_parse_command_line() -> None:
@@ -27,9 +28,13 @@ def test_parse_command_line() -> None:
         (["--guest", "xen"], "kvm, threads or auto"),
         (["-m"], "needs a value"),
         (["-display", "none"], "unknown option"),
+        (["--vcpu-cpus", "1-"], "bad CPU list"),
+        (["--vcpu-cpus", "x"], "bad CPU list"),
     ]:
         with pytest.raises(UsageError, match=text):
             parse_args(bad)
+    assert parse_cpus("3") == (3,) and parse_cpus("2,0-1,2") == (0, 1, 2)
+    assert parse_args(["--vcpu-cpus", "1"]).vcpu_cpus == (1,)
     with pytest.raises(UsageError, match="only unix"):
         parse_qmp("tcp:localhost:4444,server=on")
     with pytest.raises(UsageError, match="wait=on"):
@@ -72,6 +77,34 @@ def test_guest_runs_and_stops_over_qmp(tmp_path: Path, guest: str) -> None:
         assert "x-query-guest" in [c["name"] for c in vm.cmd("query-commands")]
         vm.quit()
         assert vm.proc.returncode == 0
+
+
+def _threads_cpus(pid: int) -> dict[str, set[int]]:
+    """Each thread's name and the CPUs it may run on."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        out.setdefault(name, set()).update(os.sched_getaffinity(int(tid)))
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs at least two CPUs")
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_vcpu_pinned_and_vmm_kept_off_its_cpu(tmp_path: Path, guest: str) -> None:
+    """--vcpu-cpus: the guest's thread runs only there, every other VMM thread elsewhere."""
+    cpus = sorted(os.sched_getaffinity(0))
+    with vmms() as procs:
+        vm = Vmm(tmp_path, "vm", "-m", "64M", "--hot", "8M", "--guest", guest, "--vcpu-cpus", str(cpus[-1]))
+        procs.append(vm)
+        vm.wait_heartbeat_moves()
+        # (KVM's own kernel worker, started by the vCPU thread's first KVM_RUN, is not ours to place.)
+        threads = {n: c for n, c in _threads_cpus(vm.pid).items() if not n.startswith("kvm-")}
+        guest_thread = "cprfast-vcpu" if guest == "kvm" else "cprfast-guest"
+        assert threads.pop(guest_thread) == {cpus[-1]}
+        assert threads and all(allowed == set(cpus[:-1]) for allowed in threads.values()), threads
+    argv = [PYTHON, "-m", "cprfast.vmm", "-m", "64M", "--guest", guest, "--vcpu-cpus", "1023"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "sched_setaffinity([1023])" in proc.stderr, proc.stderr
 
 
 def test_auto_guest_follows_the_probe(tmp_path: Path) -> None:

@@ -62,6 +62,10 @@ NORMAL_BANDWIDTH = 8 << 30
 """``max-bandwidth`` for normal migration (bytes/s): a local UNIX socket, not a shared link."""
 BASELINE_S = 1.0
 """How long the guest is watched with no update, for the noise floor."""
+OBSERVER_INTERVAL_NS = 20_000
+"""The observer sleeps this long between samples: it must not take a CPU from the guest."""
+OBSERVER_PRIORITY = 1
+"""SCHED_FIFO priority of the observer's sampler, so it wakes on time next to a busy VMM."""
 _CHUNK = 64 << 20
 _WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, PAGE // 8, dtype=np.uint64) | np.uint64(1)
 
@@ -358,10 +362,19 @@ class LiveGuest:
     """
 
     def __init__(
-        self, mem: int = 1 << 30, hot: int = 64 << 20, guest: str = "auto", progress: Progress = _quiet
+        self,
+        mem: int = 1 << 30,
+        hot: int = 64 << 20,
+        guest: str = "auto",
+        progress: Progress = _quiet,
+        *,
+        pin: bool = True,
     ) -> None:
         self.mem, self.hot, self.guest_kind = mem, hot, guest
         self.progress = progress
+        self._affinity = os.sched_getaffinity(0)
+        self.vcpu_cpus = pin_vcpu() if pin else None
+        self.observer_priority: int | None = OBSERVER_PRIORITY
         self._generation = 0
         self._vmms: list[Vmm] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="cprfast-demo-"))
@@ -386,9 +399,22 @@ class LiveGuest:
         self._vmms.clear()
         self.vmm = None
         shutil.rmtree(self.workdir, ignore_errors=True)
+        os.sched_setaffinity(0, self._affinity)
 
     def _args(self) -> list[str]:
-        return ["-m", f"{self.mem >> 20}M", "--hot", f"{self.hot >> 20}M", "--guest", self.guest_kind]
+        pin = ["--vcpu-cpus", ",".join(map(str, self.vcpu_cpus))] if self.vcpu_cpus else []
+        return ["-m", f"{self.mem >> 20}M", "--hot", f"{self.hot >> 20}M", "--guest", self.guest_kind, *pin]
+
+    def observer(self, path: str) -> _core.Observer:
+        """A started observer of the heartbeat in ``path``: sleeping between samples, at real-time
+        priority where we may (else at normal priority, which :attr:`observer_priority` then says)."""
+        observer = _core.Observer(path, HEARTBEAT, interval_ns=OBSERVER_INTERVAL_NS)
+        try:
+            observer.start(self.observer_priority)
+        except PermissionError:
+            self.observer_priority = None
+            observer.start()
+        return observer
 
     def _start(self, *extra: str, pass_fds: Sequence[int] = ()) -> Vmm:
         self._generation += 1
@@ -405,13 +431,14 @@ class LiveGuest:
         path = vmm.ram_path()
         seed(path, self.mem, self.hot)
         self._cold = fingerprint(path, self.mem, self.hot)
-        observer = _core.Observer(path, HEARTBEAT)
-        observer.start()
+        observer = self.observer(path)
         time.sleep(BASELINE_S)
         self.baseline_ms = observer.stop().max_stall_ns / 1e6
         self.progress(
             f"booted pid {vmm.pid}: {self.mem >> 20} MiB, {self.kind} guest, hot set {self.hot >> 20} MiB; "
-            f"longest stall with no update over {BASELINE_S:g} s: {self.baseline_ms:.3f} ms"
+            f"longest stall with no update over {BASELINE_S:g} s: {self.baseline_ms:.3f} ms; "
+            + (f"vCPU pinned to CPU {self.vcpu_cpus}" if self.vcpu_cpus else "vCPU not pinned")
+            + ("" if self.observer_priority else "; observer at normal priority (SCHED_FIFO refused)")
         )
 
     def update(self, mode: str) -> StepResult:
@@ -427,8 +454,7 @@ class LiveGuest:
         src_pid, src_ram = src.pid, f"/proc/{src.pid}/fd/{before['ram']['fd']}"
         preserved = (_identity(src_pid, before["console"]["read-fd"]), _identity(src_pid, before["ram"]["fd"]))
         src.cmd("migrate-set-parameters", mode=mode)
-        observer = _core.Observer(src_ram, HEARTBEAT)
-        observer.start()
+        observer = self.observer(src_ram)
         try:
             time.sleep(0.01)
             window = time.monotonic_ns()
@@ -577,6 +603,17 @@ class LiveGuest:
 
 
 # --------------------------------------------------------------------------- the command
+
+
+def pin_vcpu() -> tuple[int, ...] | None:
+    """Give the guest's vCPU a CPU of its own: the last this process may use; the demo itself
+    (and every thread it starts from now on, the observer too) keeps to the others.
+    None (nothing pinned) with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    os.sched_setaffinity(0, cpus[:-1])
+    return (cpus[-1],)
 
 
 def run(

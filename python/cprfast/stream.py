@@ -59,25 +59,45 @@ def _write_all(fd: int, data: bytes) -> int:
     return len(data)
 
 
-def _read_exact(fd: int, n: int, what: str) -> bytes:
-    chunks: list[bytes] = []
-    left = n
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            raise StreamError(f"main stream truncated while reading {what} ({n - left} of {n} bytes)")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+class _Reader:
+    """Exact reads from ``fd``. ``greedy`` reads ahead in large chunks (one syscall for a
+    whole device stream); only for streams where nobody else reads the fd after us."""
+
+    def __init__(self, fd: int, *, greedy: bool) -> None:
+        self.fd = fd
+        self.ahead = (1 << 16) if greedy else 0
+        self.buf = b""
+
+    def exact(self, n: int, what: str) -> bytes:
+        if len(self.buf) >= n:
+            data, self.buf = self.buf[:n], self.buf[n:]
+            return data
+        chunks, left = [self.buf], n - len(self.buf)
+        self.buf = b""
+        while left:
+            chunk = os.read(self.fd, min(max(left, self.ahead), 1 << 20))
+            if not chunk:
+                raise StreamError(f"main stream truncated while reading {what} ({n - left} of {n} bytes)")
+            if len(chunk) > left:
+                chunk, self.buf = chunk[:left], chunk[left:]
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
 
 class StreamWriter:
-    """Writes the main stream to a file descriptor (socket, pipe or file)."""
+    """Writes the main stream to a file descriptor (socket, pipe or file), or to memory (``fd`` None).
 
-    def __init__(self, fd: int) -> None:
+    Device sections are gathered and written with one call, before a RAM section
+    and at the end, so a device stream leaves in one syscall on a pause path.
+    """
+
+    def __init__(self, fd: int | None) -> None:
         self.fd = fd
         self.sections = 0
-        self.bytes = _write_all(fd, _HEADER.pack(MAGIC, VERSION))
+        self.bytes = 0
+        self._pending = [_HEADER.pack(MAGIC, VERSION)]
+        self._written: list[bytes] = []
 
     def _section_head(self, kind: int, name: str, instance: int, version: int, length: int) -> bytes:
         raw = name.encode()
@@ -85,50 +105,70 @@ class StreamWriter:
             raise ValueError(f"section name must be 1..{MAX_NAME} bytes: {name!r}")
         return _SECTION.pack(kind, len(raw)) + raw + _SECTION_TAIL.pack(instance, version, length)
 
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if self.fd is None:
+            self._written.append(data)
+            self.bytes += len(data)
+        else:
+            self.bytes += _write_all(self.fd, data)
+
     def device(self, section: Section) -> None:
-        """Write one device section with its checksum."""
+        """Add one device section with its checksum."""
         if len(section.payload) > MAX_SECTION:
             raise ValueError(f"device {section.name!r} state is larger than {MAX_SECTION} bytes")
         head = self._section_head(KIND_DEVICE, section.name, section.instance, section.version, len(section.payload))
         crc = zlib.crc32(section.payload, zlib.crc32(head))
-        self.bytes += _write_all(self.fd, head + section.payload + _CRC.pack(crc))
+        self._pending += (head, section.payload, _CRC.pack(crc))
         self.sections += 1
 
     def ram(self, name: str, send: Callable[[int], int]) -> None:
         """Write a RAM section header, then let ``send(fd)`` stream the pages; it returns bytes sent."""
+        if self.fd is None:
+            raise ValueError("RAM sections need a file descriptor to stream pages to")
         head = self._section_head(KIND_RAM, name, 0, 1, 0)
-        self.bytes += _write_all(self.fd, head + _CRC.pack(zlib.crc32(head)))
+        self._pending += (head, _CRC.pack(zlib.crc32(head)))
+        self._flush()
         self.bytes += send(self.fd)
         self.sections += 1
 
     def end(self) -> None:
         """Close the stream with the section count, so truncation at a section boundary is caught."""
         body = _END.pack(KIND_END, self.sections)
-        self.bytes += _write_all(self.fd, body + _CRC.pack(zlib.crc32(body)))
+        self._pending += (body, _CRC.pack(zlib.crc32(body)))
+        self._flush()
+
+    def getvalue(self) -> bytes:
+        """The whole stream, for a writer to memory (after :meth:`end`)."""
+        return b"".join(self._written)
 
 
-def read_stream(fd: int, receive_ram: Callable[[str, int], None]) -> list[Section]:
+def read_stream(fd: int, receive_ram: Callable[[str, int], None] | None = None) -> list[Section]:
     """Read a whole main stream; return its verified device sections, in order.
 
     ``receive_ram(name, fd)`` is called for each RAM section and must consume
-    its page stream. Nothing is returned (so nothing is applied) unless every
-    checksum, the end marker and the section count are correct.
+    its page stream; without it a RAM section is an error, and the stream is
+    read ahead in large chunks. Nothing is returned (so nothing is applied)
+    unless every checksum, the end marker and the section count are correct.
     """
-    magic, version = _HEADER.unpack(_read_exact(fd, _HEADER.size, "the stream header"))
+    reader = _Reader(fd, greedy=receive_ram is None)
+    magic, version = _HEADER.unpack(reader.exact(_HEADER.size, "the stream header"))
     if magic != MAGIC:
         raise StreamError(f"not a cprfast main stream (bad magic {magic!r})")
     if version != VERSION:
         raise StreamError(f"unsupported main stream version {version} (this cprfast reads {VERSION})")
-    return list(_sections(fd, receive_ram))
+    return list(_sections(reader, receive_ram))
 
 
-def _sections(fd: int, receive_ram: Callable[[str, int], None]) -> Iterator[Section]:
+def _sections(reader: _Reader, receive_ram: Callable[[str, int], None] | None) -> Iterator[Section]:
+    read = reader.exact
     count = 0
     while True:
-        kind_raw = _read_exact(fd, 1, "a section kind")
+        kind_raw = read(1, "a section kind")
         kind = kind_raw[0]
         if kind == KIND_END:
-            rest = _read_exact(fd, 4 + _CRC.size, "the end marker")
+            rest = read(4 + _CRC.size, "the end marker")
             (total,) = struct.unpack(">I", rest[:4])
             (crc,) = _CRC.unpack(rest[4:])
             if crc != zlib.crc32(kind_raw + rest[:4]):
@@ -138,12 +178,12 @@ def _sections(fd: int, receive_ram: Callable[[str, int], None]) -> Iterator[Sect
             return
         if kind not in (KIND_DEVICE, KIND_RAM):
             raise StreamError(f"unknown main stream section kind {kind:#x}")
-        name_len_raw = _read_exact(fd, 2, "a section name length")
+        name_len_raw = read(2, "a section name length")
         (name_len,) = struct.unpack(">H", name_len_raw)
         if not 0 < name_len <= MAX_NAME:
             raise StreamError(f"section name length {name_len} is out of range 1..{MAX_NAME}")
-        name_raw = _read_exact(fd, name_len, "a section name")
-        tail = _read_exact(fd, _SECTION_TAIL.size, "a section header")
+        name_raw = read(name_len, "a section name")
+        tail = read(_SECTION_TAIL.size, "a section header")
         instance, version, length = _SECTION_TAIL.unpack(tail)
         if length > MAX_SECTION:
             raise StreamError(f"section length {length} exceeds the limit of {MAX_SECTION} bytes")
@@ -152,12 +192,14 @@ def _sections(fd: int, receive_ram: Callable[[str, int], None]) -> Iterator[Sect
             name = name_raw.decode()
         except UnicodeDecodeError as e:
             raise StreamError(f"section name is not UTF-8: {name_raw!r}") from e
-        payload = _read_exact(fd, length, f"section {name!r}")
-        (crc,) = _CRC.unpack(_read_exact(fd, _CRC.size, f"the checksum of section {name!r}"))
+        payload = read(length, f"section {name!r}")
+        (crc,) = _CRC.unpack(read(_CRC.size, f"the checksum of section {name!r}"))
         if crc != zlib.crc32(payload, zlib.crc32(head)):
             raise StreamError(f"section {name!r} is corrupt (checksum mismatch)")
         count += 1
         if kind == KIND_RAM:
-            receive_ram(name, fd)
+            if receive_ram is None:
+                raise StreamError(f"main stream carries RAM section {name!r}: RAM must stay in place")
+            receive_ram(name, reader.fd)
         else:
             yield Section(name, instance, version, payload)

@@ -13,7 +13,6 @@ resumes the guest, so nothing here may pull in the QMP server or NumPy.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -74,22 +73,16 @@ def write_main(fd: int, devices: DeviceRegistry, run_state: str) -> int:
 
 
 def encode_main(devices: DeviceRegistry, run_state: str) -> bytes:
-    """The CPR main stream as bytes (built in a memfd), for senders that must not block while writing it."""
-    fd = os.memfd_create("cprfast-main", os.MFD_CLOEXEC)
-    try:
-        size = write_main(fd, devices, run_state)
-        return os.pread(fd, size, 0)
-    finally:
-        os.close(fd)
-
-
-def _no_ram(name: str, fd: int) -> None:
-    raise StreamError(f"CPR main stream carries RAM section {name!r}: RAM must stay in place")
+    """The CPR main stream as bytes, for senders that must not block while writing it."""
+    writer = StreamWriter(None)
+    write_devices(writer, devices, run_state)
+    return writer.getvalue()
 
 
 def read_main(fd: int, devices: DeviceRegistry) -> str:
-    """Read and verify a whole CPR main stream, then load the devices; returns the source run state."""
-    return load_devices(read_stream(fd, _no_ram), devices)
+    """Read and verify a whole CPR main stream (it has no RAM), then load the devices;
+    returns the source run state."""
+    return load_devices(read_stream(fd), devices)
 
 
 class PreStopState:

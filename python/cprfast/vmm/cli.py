@@ -1,6 +1,6 @@
 """``cprfast-vmm``: the reference VMM's QEMU-like command line and start-up.
 
-    cprfast-vmm -m 1G [--guest kvm|threads|auto] [--hot 64M]
+    cprfast-vmm -m 1G [--guest kvm|threads|auto] [--hot 64M] [--vcpu-cpus 1]
                 [-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]...
 
 ``-incoming`` takes a URI, a QEMU JSON channel (``{"channel-type": "cpr", ...}``)
@@ -8,6 +8,10 @@ or ``defer``, and may be repeated (a main and a cpr channel). Start-up follows
 QEMU: incoming CPR state is loaded before any device exists. A live-updated
 guest resumes before the migration machinery and the QMP server are even
 imported, so the pause holds only what the guest needs to run.
+
+``--vcpu-cpus`` pins the guest's thread to those CPUs and the rest of the VMM to
+the others (libvirt's ``vcpupin`` and ``emulatorpin``): the VMM's own work, a
+migration above all, then no longer preempts the guest.
 
 Parsing is by hand (no argparse): this runs on a cpr-exec successor's pause path.
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from cprfast.errors import CprError
 
 USAGE = (
-    "usage: cprfast-vmm -m SIZE [--guest kvm|threads|auto] [--hot SIZE] "
+    "usage: cprfast-vmm -m SIZE [--guest kvm|threads|auto] [--hot SIZE] [--vcpu-cpus LIST] "
     "[-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]..."
 )
 _UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -55,6 +59,28 @@ def parse_qmp(spec: str) -> str:
     return path
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """A CPU list as taskset/libvirt write it: ``3``, ``0,2``, ``1-3``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UsageError(f"--vcpu-cpus: bad CPU list {text!r} (e.g. 1, 0,2 or 1-3)")
+        cpus.update(range(int(first), int(last if dash else first) + 1))
+    if not cpus:
+        raise UsageError(f"--vcpu-cpus: empty CPU list {text!r}")
+    return tuple(sorted(cpus))
+
+
+def pin_emulator(vcpu_cpus: tuple[int, ...]) -> None:
+    """Keep this thread (and every thread it starts later) off the vCPU's CPUs, if any are left."""
+    import os
+
+    rest = os.sched_getaffinity(0) - set(vcpu_cpus)
+    if rest:
+        os.sched_setaffinity(0, rest)
+
+
 @dataclass
 class Config:
     """A parsed command line."""
@@ -64,6 +90,7 @@ class Config:
     guest: str = "auto"
     qmp: str | None = None
     incoming: list[str] = field(default_factory=list)
+    vcpu_cpus: tuple[int, ...] | None = None
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -74,7 +101,7 @@ def parse_args(argv: list[str]) -> Config:
         if arg in ("-h", "--help"):
             raise UsageError(USAGE)
         opt = arg.split("=", 1)[0] if arg.startswith("--") else arg
-        if opt not in ("-m", "-qmp", "-incoming", "--guest", "--hot"):
+        if opt not in ("-m", "-qmp", "-incoming", "--guest", "--hot", "--vcpu-cpus"):
             raise UsageError(f"unknown option {arg!r}\n{USAGE}")
         if arg.startswith("--") and "=" in arg:
             value = arg.split("=", 1)[1]
@@ -95,6 +122,8 @@ def parse_args(argv: list[str]) -> Config:
             cfg.guest = value
         elif opt == "-qmp":
             cfg.qmp = parse_qmp(value)
+        elif opt == "--vcpu-cpus":
+            cfg.vcpu_cpus = parse_cpus(value)
         else:
             cfg.incoming.append(value)
     return cfg
@@ -104,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the reference VMM until QMP ``quit``; returns the exit status."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        if cfg.vcpu_cpus is not None:
+            pin_emulator(cfg.vcpu_cpus)
         from cprfast.vmm.launch import launch
 
         machine = launch(cfg)

@@ -47,12 +47,16 @@ class Guest:
     ``fresh`` boots a new guest (writes its code and page tables into RAM);
     otherwise the guest waits for :meth:`load_state` from the previous process,
     whose RAM it shares. All memory setup (KVM memory slot, vCPU creation) is
-    done here, so it can happen before the source guest stops.
+    done here, so it can happen before the source guest stops. ``cpus`` pins
+    the vCPU (or guest) thread from its start.
     """
 
-    def __init__(self, kind: GuestKind, region: _core.Region, hot_len: int, *, fresh: bool) -> None:
+    def __init__(
+        self, kind: GuestKind, region: _core.Region, hot_len: int, *, fresh: bool, cpus: tuple[int, ...] | None = None
+    ) -> None:
         self.kind: GuestKind = kind
         self.region = region
+        self.cpus = cpus
         self.slot_seconds = 0.0
         self._vm: _core.KvmVm | None = None
         self._threads: _core.ThreadsGuest | None = None
@@ -89,7 +93,7 @@ class Guest:
         if self._started:
             impl.resume()
         else:
-            impl.start()
+            impl.start(self.cpus)
             self._started = True
 
     def pause(self) -> None:

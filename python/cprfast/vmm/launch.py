@@ -45,7 +45,7 @@ def launch(cfg: Config) -> Machine:
     elif cpr is not None:
         machine = _transfer_target(cfg, defer, main, cpr)
     else:
-        machine = Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest)
+        machine = Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, vcpu_cpus=cfg.vcpu_cpus)
         try:
             machine.create_devices()
             if defer or main is not None:
@@ -65,7 +65,7 @@ def launch(cfg: Config) -> Machine:
 
 def _adopt(cfg: Config, state: CprState) -> Machine:
     try:
-        return Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, cpr=state)
+        return Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, cpr=state, vcpu_cpus=cfg.vcpu_cpus)
     except BaseException:
         state.close()
         raise

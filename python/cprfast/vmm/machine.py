@@ -45,11 +45,18 @@ class Machine:
 
     ``cpr`` is an incoming CPR state (it must hold ``pc.ram`` of ``ram_size``
     bytes, which is adopted); without one, RAM is created and recorded in a new
-    CPR state for the next live update. The machine owns ``cpr``.
+    CPR state for the next live update. The machine owns ``cpr``. ``vcpu_cpus``
+    pins the guest's thread.
     """
 
     def __init__(
-        self, ram_size: int, *, hot_size: int = 64 << 20, guest: str = "auto", cpr: CprState | None = None
+        self,
+        ram_size: int,
+        *,
+        hot_size: int = 64 << 20,
+        guest: str = "auto",
+        cpr: CprState | None = None,
+        vcpu_cpus: tuple[int, ...] | None = None,
     ) -> None:
         self.cpr = cpr if cpr is not None else CprState()
         self.ram_keys = frozenset({(RAM_NAME, 0)})
@@ -61,7 +68,7 @@ class Machine:
         else:
             self.region = _core.Region.adopt(fd, ram_size, name=RAM_NAME)
         try:
-            self.guest = Guest(resolve_kind(guest), self.region, hot_size, fresh=fd is None)
+            self.guest = Guest(resolve_kind(guest), self.region, hot_size, fresh=fd is None, cpus=vcpu_cpus)
         except BaseException:
             self.region.close()
             raise

@@ -16,7 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{Errno, Error, Result};
+use crate::error::{Error, Result};
+use crate::sched::{spawn_pinned, Cpus};
 use crate::layout;
 use crate::memfd::Mapping;
 
@@ -127,8 +128,9 @@ impl ThreadsGuest {
         self.shared.want.load(Ordering::Acquire) == RUN
     }
 
-    /// Write the parameter block and start the thread. Only once.
-    pub fn start(&self) -> Result<()> {
+    /// Write the parameter block and start the thread, pinned to `cpus` if
+    /// given. Only once.
+    pub fn start(&self, cpus: Option<&Cpus>) -> Result<()> {
         let mut thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.started.swap(true, Ordering::AcqRel) {
             return Err(Error::InvalidArgument("threads guest was already started (or is closed)".into()));
@@ -148,13 +150,10 @@ impl ThreadsGuest {
         let shared = Arc::clone(&self.shared);
         let mapping = Arc::clone(&self.mapping);
         let (hot_start, pages) = (self.hot_start, self.hot_len / self.mapping.page_size());
-        let handle = std::thread::Builder::new()
-            .name("cprfast-guest".into())
-            .spawn(move || run(&shared, &mapping, hot_start, pages))
-            .map_err(|e| {
-                self.shared.want.store(STOP, Ordering::Release);
-                Error::Os { op: "spawn guest thread".into(), errno: Errno(e.raw_os_error().unwrap_or(libc::EAGAIN)) }
-            })?;
+        let builder = std::thread::Builder::new().name("cprfast-guest".into());
+        let handle = spawn_pinned(builder, cpus, move || run(&shared, &mapping, hot_start, pages)).inspect_err(|_| {
+            self.shared.want.store(STOP, Ordering::Release);
+        })?;
         *thread = Some(handle);
         Ok(())
     }
@@ -413,7 +412,7 @@ mod tests {
     #[test]
     fn runs_pauses_and_resumes() {
         let (_r, g) = guest();
-        g.start().unwrap();
+        g.start(None).unwrap();
         while read_u64(&g.mapping, layout::HOT_PASSES) < 2 {
             std::thread::yield_now();
         }
@@ -436,7 +435,7 @@ mod tests {
     fn state_round_trip_and_corruption() {
         let (r, g) = guest();
         assert!(g.save_state().is_ok());
-        g.start().unwrap();
+        g.start(None).unwrap();
         assert!(g.save_state().is_err(), "state of a running guest");
         while g.heartbeat() < 1000 {
             std::thread::yield_now();
@@ -452,7 +451,7 @@ mod tests {
         assert!(matches!(g2.load_state(&state[..20]), Err(Error::Corrupt(_))));
         g2.load_state(&state).unwrap();
         assert_eq!(lock(&g2.shared.ctl).pos, lock(&g.shared.ctl).pos);
-        g2.start().unwrap();
+        g2.start(None).unwrap();
         while g2.heartbeat() == hb {
             std::thread::yield_now();
         }

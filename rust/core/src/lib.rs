@@ -19,6 +19,7 @@ pub mod memfd;
 pub mod observe;
 pub mod pagestream;
 pub mod probe;
+pub mod sched;
 pub mod scm;
 pub mod wait;
 

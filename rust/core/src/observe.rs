@@ -29,8 +29,9 @@ use std::thread::JoinHandle;
 use rustix::fs::{Mode, OFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
-use crate::error::{Errno, Error, Result};
+use crate::error::{Error, Result};
 use crate::memfd::host_page_size;
+use crate::sched::{set_fifo, spawn_pinned};
 
 /// How many of the longest stalls a report keeps individually.
 pub const TOP_GAPS: usize = 64;
@@ -315,8 +316,10 @@ impl Observer {
         lock(&self.thread).is_some()
     }
 
-    /// Start sampling (a fresh window). Errors if already running.
-    pub fn start(&self) -> Result<()> {
+    /// Start sampling (a fresh window), at `SCHED_FIFO` `priority` if given:
+    /// a sleeping sampler then wakes on time however busy the host is.
+    /// Errors if already running, or if the priority is refused (EPERM).
+    pub fn start(&self, priority: Option<i32>) -> Result<()> {
         let mut thread = lock(&self.thread);
         if thread.is_some() {
             return Err(Error::InvalidArgument("observer is already running".into()));
@@ -329,13 +332,16 @@ impl Observer {
         *lock(&self.shared.stats) = Some(Stats::new(monotonic_ns(), map.read()));
         let shared = Arc::clone(&self.shared);
         let interval = self.interval_ns;
-        let handle = std::thread::Builder::new()
-            .name("cprfast-obs".into())
-            .spawn(move || sample(&shared, map, interval))
-            .map_err(|e| Error::Os {
-                op: "spawn observer thread".into(),
-                errno: Errno(e.raw_os_error().unwrap_or(libc::EAGAIN)),
-            })?;
+        let handle = spawn_pinned(std::thread::Builder::new().name("cprfast-obs".into()), None, move || {
+            sample(&shared, map, interval)
+        })?;
+        if let Some(priority) = priority
+            && let Err(e) = set_fifo(&handle, priority)
+        {
+            self.shared.stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+            return Err(e);
+        }
         *thread = Some(handle);
         Ok(())
     }
@@ -483,7 +489,7 @@ mod tests {
         let r = region();
         let m = r.mapping();
         let obs = Observer::new(&Target::Fd(r.fd()), 0x1000, 0).unwrap();
-        obs.start().unwrap();
+        obs.start(None).unwrap();
         for v in 1..=3u64 {
             m.write(0x1000, &v.to_le_bytes()).unwrap();
             wait_changes(&obs, v);

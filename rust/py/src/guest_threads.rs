@@ -30,9 +30,11 @@ impl PyThreadsGuest {
         Ok(Self { inner })
     }
 
-    /// Write the parameter block and start the guest thread (once).
-    fn start(&self, py: Python<'_>) -> PyResultCore<()> {
-        py.detach(|| self.inner.start())?;
+    /// Write the parameter block and start the guest thread (once), pinned to `cpus` if given.
+    #[pyo3(signature = (cpus=None))]
+    fn start(&self, py: Python<'_>, cpus: Option<Vec<usize>>) -> PyResultCore<()> {
+        let cpus = crate::sched::cpus(cpus)?;
+        py.detach(|| self.inner.start(cpus.as_ref()))?;
         Ok(())
     }
 

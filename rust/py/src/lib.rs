@@ -10,6 +10,7 @@ mod memfd;
 mod observe;
 mod pagestream;
 mod probe;
+mod sched;
 mod scm;
 mod wait;
 

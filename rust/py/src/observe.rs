@@ -142,9 +142,10 @@ impl PyObserver {
         Ok(Self { inner })
     }
 
-    /// Start sampling a fresh window.
-    fn start(&self) -> PyResultCore<()> {
-        Ok(self.inner.start()?)
+    /// Start sampling a fresh window; `priority` runs the sampler at that SCHED_FIFO priority.
+    #[pyo3(signature = (priority=None))]
+    fn start(&self, priority: Option<i32>) -> PyResultCore<()> {
+        Ok(self.inner.start(priority)?)
     }
 
     /// Stop sampling and return the report of the whole window.

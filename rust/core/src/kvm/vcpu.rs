@@ -24,6 +24,7 @@ use super::guest;
 use super::state::{MAX_MSRS, SAVED_MSRS, VcpuState};
 use super::vm::Vm;
 use crate::error::{Errno, Error, Result};
+use crate::sched::{spawn_pinned, Cpus};
 
 /// The real-time signal used to kick vCPU threads out of `KVM_RUN`
 /// (`SIGRTMIN + 4`); reserved by cprfast in any process that runs a vCPU.
@@ -220,8 +221,9 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Spawn the run thread; the guest runs until paused or stopped.
-    pub fn start(&self) -> Result<()> {
+    /// Spawn the run thread, pinned to `cpus` if given; the guest runs until
+    /// paused or stopped.
+    pub fn start(&self, cpus: Option<&Cpus>) -> Result<()> {
         let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
         let mut c = self.shared.lock();
         if !c.exited {
@@ -240,10 +242,9 @@ impl Vcpu {
         c.want = Want::Run;
         c.exited = false;
         let shared = Arc::clone(&self.shared);
-        let handle = std::thread::Builder::new()
-            .name("cprfast-vcpu".into())
-            .spawn(move || run_loop(&shared))
-            .map_err(|e| Error::os("spawn(vCPU thread)", Errno(e.raw_os_error().unwrap_or(libc::EAGAIN))));
+        let handle = spawn_pinned(std::thread::Builder::new().name("cprfast-vcpu".into()), cpus, move || {
+            run_loop(&shared);
+        });
         match handle {
             Ok(h) => {
                 c.tid = Some(h.as_pthread_t());
@@ -504,9 +505,9 @@ mod tests {
         let r = Region::create("kvm-ram", 64 << 20, &CreateOptions::default()).unwrap();
         vm.set_memory(0, 0, r.mapping(), false).unwrap();
         let vcpu = Vcpu::create(Arc::clone(&vm), 0).unwrap();
-        assert!(vcpu.start().is_err(), "start before setup must fail");
+        assert!(vcpu.start(None).is_err(), "start before setup must fail");
         vcpu.setup_guest(1 << 20, 8 << 20).unwrap();
-        vcpu.start().unwrap();
+        vcpu.start(None).unwrap();
         assert!(vcpu.running());
         let h = wait_beats(&r, 1000);
         assert!(vcpu.save_state().is_err(), "save while running must fail");
@@ -523,7 +524,7 @@ mod tests {
         vm2.set_memory(0, 0, r.mapping(), false).unwrap();
         let vcpu2 = Vcpu::create(vm2, 0).unwrap();
         vcpu2.load_state(&state).unwrap();
-        vcpu2.start().unwrap();
+        vcpu2.start(None).unwrap();
         wait_beats(&r, frozen);
         assert_eq!(vcpu2.exit_reason(), None);
         vcpu2.stop(T).unwrap();
