@@ -62,7 +62,7 @@ NORMAL_BANDWIDTH = 8 << 30
 """``max-bandwidth`` for normal migration (bytes/s): a local UNIX socket, not a shared link."""
 BASELINE_S = 1.0
 """How long the guest is watched with no update, for the noise floor."""
-OBSERVER_INTERVAL_NS = 20_000
+OBSERVER_INTERVAL_NS = 50_000
 """The observer sleeps this long between samples: it must not take a CPU from the guest."""
 OBSERVER_PRIORITY = 1
 """SCHED_FIFO priority of the observer's sampler, so it wakes on time next to a busy VMM."""

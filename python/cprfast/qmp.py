@@ -91,6 +91,9 @@ class QMPServer:
         self._commands: dict[str, _Command] = {}
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._held: list[dict[str, Any]] | None = None
+        """Events raised while the guest is stopped for a migration; sent when that ends."""
+        self._held_lock = threading.Lock()
         self._clients: set[_Session] = set()
         self._closed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -186,26 +189,48 @@ class QMPServer:
             msg["data"] = data
         seconds = int(now)
         msg["timestamp"] = {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
+        with self._held_lock:
+            if self._held is not None:
+                self._held.append(msg)
+                return
+        self._send_soon([msg])
+
+    def _send_soon(self, msgs: list[dict[str, Any]]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed under us
-            loop.call_soon_threadsafe(self._broadcast, msg)
+            loop.call_soon_threadsafe(self._broadcast, msgs)
 
-    def _broadcast(self, msg: dict[str, Any]) -> None:
+    def _broadcast(self, msgs: list[dict[str, Any]]) -> None:
         for client in list(self._clients):
             if client.negotiated:
-                client.send(msg)
+                for msg in msgs:
+                    client.send(msg)
+
+    def _hold_events(self, hold: bool) -> None:
+        """While the guest is stopped for a migration, events wait: waking the monitor's thread
+        then would take the interpreter from the switchover, lengthening the guest's pause."""
+        with self._held_lock:  # (sent under the lock: an event raised meanwhile queues behind them)
+            held, self._held = self._held, ([] if hold else None)
+            if held:
+                self._send_soon(held)
 
     def _on_status(self, status: MigrationStatus) -> None:
         if self.migration.capabilities["events"]:
             self.emit_event("MIGRATION", {"status": str(status)})
+        if status.is_terminal:
+            self._hold_events(False)
 
     def _on_run_state(self, old: RunState, new: RunState) -> None:
+        if new is RunState.FINISH_MIGRATE:
+            self._hold_events(True)
         if old is RunState.RUNNING and new is not RunState.RUNNING:
             self.emit_event("STOP")
         elif new is RunState.RUNNING:
             self.emit_event("RESUME")
+        if old is RunState.FINISH_MIGRATE:
+            self._hold_events(False)
 
     # ------------------------------------------------------------------ serving
 

@@ -80,6 +80,7 @@ class _Outgoing:
         self.sockets: list[socket.socket] = []
         self.devices_sock: socket.socket | None = None
         self.main: socket.socket | None = None
+        self.devices: CprState | None = None
 
     def connect(self, addr: MigrationAddress, ctx: MigrationContext, what: str) -> socket.socket:
         ctx.check_cancelled()
@@ -99,6 +100,9 @@ class _Outgoing:
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
+        if self.devices is not None:
+            self.devices.close()
+            self.devices = None
 
 
 def _subset(cpr: CprState, keys: object, *, ram: bool) -> CprState:
@@ -140,6 +144,8 @@ class TransferDriver:
         elif ack != ACK_DEFERRED:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the RAM hand-over")
         out.devices_sock = out.connect(cpr_addr, ctx, "cpr channel")
+        # Duplicates of the device fds, sent only after the stop: built now, off the pause path.
+        out.devices = _subset(self.host.cpr, ram_keys, ram=False)
 
     def handover(self, ctx: MigrationContext) -> None:
         """Guest just stopped, in ``migrate``'s thread: device state and device fds to a listening target."""
@@ -165,12 +171,11 @@ class TransferDriver:
     def _send_devices(self, ctx: MigrationContext, out: _Outgoing, main: socket.socket | None) -> None:
         """Phase 2. Pre-connected: device state first (as much as the socket takes without blocking),
         so the target finds it waiting when the device fds wake it up. Deferred: QEMU's order."""
-        assert out.devices_sock is not None
+        assert out.devices_sock is not None and out.devices is not None
         stream = encode_main(self.host.devices, self.pre_stop.value)
         try:
             sent = _send_nowait(main, stream) if main is not None else 0
-            with _subset(self.host.cpr, set(self.host.ram_keys), ram=False) as devices:
-                send_state(devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
+            send_state(out.devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
             if main is None:
                 wait_hup(out.devices_sock)
                 main = out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
@@ -221,13 +226,18 @@ class TransferTarget:
         self._ram_sock = self._accept(timeout)
         return receive_state(self._ram_sock, timeout=timeout)
 
-    def ram_ready(self) -> None:
-        """Tell the source that RAM is mapped and registered, and whether the main channel listens."""
+    def ram_ready(self, timeout: float | None = None) -> None:
+        """Tell the source that RAM is mapped and registered, and whether the main channel listens;
+        if it does, accept the source's main connection now, while its guest still runs."""
         sock, self._ram_sock = self._ram_sock, None
         if sock is None:
             raise MigrationError("cpr-transfer: ram_ready() before receive_ram()")
         with sock:
             sock.sendall(ACK_LISTENING if self._main is not None else ACK_DEFERRED)
+        listener, self._main = self._main, None
+        if listener is not None:
+            with listener:
+                self._conn = listener.accept(timeout)
 
     def receive_devices(self, into: CprState, timeout: float | None = None) -> None:
         """Phase 2: receive the device fds into ``into`` (blocks until the source stopped)."""
@@ -240,15 +250,16 @@ class TransferTarget:
                 into.save_fd(name, id, fd)
 
     def load(self, address: MigrationAddress | None, devices: DeviceRegistry, timeout: float | None = None) -> str:
-        """Open the main channel (hanging up the cpr socket), load device state; returns the source run state."""
-        listener, self._main = self._main, None
-        if listener is None:
+        """Load device state from the main channel (accepted by :meth:`ram_ready`, or now, hanging
+        up the cpr socket first, for ``-incoming defer``); returns the source run state."""
+        if self._conn is None:
             if address is None:
                 raise MigrationError("cpr-transfer: no main channel")
-            listener = listen(address)
-        with listener:
+            with listen(address) as listener:
+                self.hang_up()
+                self._conn = listener.accept(timeout)
+        else:
             self.hang_up()
-            self._conn = listener.accept(timeout)
         return read_main(self._conn.fileno(), devices)
 
     def hang_up(self) -> None:
