@@ -60,6 +60,7 @@ class Guest:
         self.slot_seconds = 0.0
         self._vm: _core.KvmVm | None = None
         self._threads: _core.ThreadsGuest | None = None
+        self._started = False
         if kind == "kvm":
             vm = _core.KvmVm()
             try:
@@ -67,13 +68,15 @@ class Guest:
                 vm.create_vcpu()
                 if fresh:
                     vm.setup_guest(HOT_START, hot_len)
+                else:  # the vCPU thread waits, parked, for the predecessor's state: not spawned in the pause
+                    vm.start(cpus, paused=True)
+                    self._started = True
             except BaseException:
                 vm.close()
                 raise
             self._vm = vm
         else:
             self._threads = _core.ThreadsGuest(region, HOT_START, hot_len)
-        self._started = False
 
     @property
     def heartbeat(self) -> int:

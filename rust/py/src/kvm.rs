@@ -82,11 +82,11 @@ impl PyKvmVm {
         Ok(py.detach(|| vcpu.setup_guest(hot_start, hot_len)).map_err(CoreError)?)
     }
 
-    /// Start the vCPU thread, pinned to `cpus` if given.
-    #[pyo3(signature = (cpus=None))]
-    fn start(&self, py: Python<'_>, cpus: Option<Vec<usize>>) -> PyResult<()> {
+    /// Start the vCPU thread, pinned to `cpus` if given; `paused`: parked until `resume()`.
+    #[pyo3(signature = (cpus=None, *, paused=false))]
+    fn start(&self, py: Python<'_>, cpus: Option<Vec<usize>>, paused: bool) -> PyResult<()> {
         let (vcpu, cpus) = (self.vcpu()?, crate::sched::cpus(cpus)?);
-        Ok(py.detach(|| vcpu.start(cpus.as_ref())).map_err(CoreError)?)
+        Ok(py.detach(|| vcpu.start(cpus.as_ref(), paused)).map_err(CoreError)?)
     }
 
     /// Kick the vCPU out of KVM_RUN and wait until it is parked; returns the seconds that took.

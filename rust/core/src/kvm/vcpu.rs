@@ -222,14 +222,16 @@ impl Vcpu {
     }
 
     /// Spawn the run thread, pinned to `cpus` if given; the guest runs until
-    /// paused or stopped.
-    pub fn start(&self, cpus: Option<&Cpus>) -> Result<()> {
+    /// paused or stopped. With `paused`, the thread parks at once, before any
+    /// guest state is loaded, and [`resume`](Self::resume) runs the guest: a
+    /// live-update target spawns it before the source stops, off the pause path.
+    pub fn start(&self, cpus: Option<&Cpus>, paused: bool) -> Result<()> {
         let mut thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner);
         let mut c = self.shared.lock();
         if !c.exited {
             return Err(Error::InvalidArgument("the vCPU is already started".into()));
         }
-        if !c.ready {
+        if !c.ready && !paused {
             return Err(Error::InvalidArgument("call setup_guest() or load_state() before start()".into()));
         }
         if let Some(f) = &c.failure {
@@ -239,7 +241,7 @@ impl Vcpu {
             c.tid = None;
             let _ = old.join(); // it has exited: returns at once
         }
-        c.want = Want::Run;
+        c.want = if paused { Want::Pause } else { Want::Run };
         c.exited = false;
         let shared = Arc::clone(&self.shared);
         let handle = spawn_pinned(std::thread::Builder::new().name("cprfast-vcpu".into()), cpus, move || {
@@ -321,6 +323,9 @@ impl Vcpu {
         }
         if c.exited {
             return Err(Error::InvalidArgument("cannot resume: the vCPU is not started".into()));
+        }
+        if !c.ready {
+            return Err(Error::InvalidArgument("cannot resume: call setup_guest() or load_state() first".into()));
         }
         c.want = Want::Run;
         self.shared.cv.notify_all();
@@ -505,9 +510,9 @@ mod tests {
         let r = Region::create("kvm-ram", 64 << 20, &CreateOptions::default()).unwrap();
         vm.set_memory(0, 0, r.mapping(), false).unwrap();
         let vcpu = Vcpu::create(Arc::clone(&vm), 0).unwrap();
-        assert!(vcpu.start(None).is_err(), "start before setup must fail");
+        assert!(vcpu.start(None, false).is_err(), "start before setup must fail");
         vcpu.setup_guest(1 << 20, 8 << 20).unwrap();
-        vcpu.start(None).unwrap();
+        vcpu.start(None, false).unwrap();
         assert!(vcpu.running());
         let h = wait_beats(&r, 1000);
         assert!(vcpu.save_state().is_err(), "save while running must fail");
@@ -523,8 +528,14 @@ mod tests {
         let vm2 = Arc::new(Vm::create().unwrap());
         vm2.set_memory(0, 0, r.mapping(), false).unwrap();
         let vcpu2 = Vcpu::create(vm2, 0).unwrap();
+        // A target spawns its run thread parked before it has the state; it runs nothing until resumed.
+        vcpu2.start(None, true).unwrap();
+        assert!(!vcpu2.running());
+        assert!(vcpu2.resume(T).is_err(), "resume before load_state must fail");
         vcpu2.load_state(&state).unwrap();
-        vcpu2.start(None).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(heartbeat(&r), frozen);
+        vcpu2.resume(T).unwrap();
         wait_beats(&r, frozen);
         assert_eq!(vcpu2.exit_reason(), None);
         vcpu2.stop(T).unwrap();
