@@ -40,6 +40,7 @@ from typing import Any, Literal
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from cprfast._core import Observer, ObserverReport
+from cprfast.demo import pin_vcpu, start_observer
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ RAM_BACKEND_ID = "ram0"
 RAM_MEMFD_NAME = "memfd:memory-backend-memfd"
 """How /proc/PID/fd shows QEMU's memfd backend (its memfd is named after the QOM type, not the id)."""
 QEMU_BINARY = "qemu-system-x86_64"
-OBSERVER_INTERVAL_NS = 10_000
-"""The observer sleeps 10 µs between samples instead of spinning: on a 2-core host a spinning
-observer competes with QEMU's vCPU and migration threads and gets descheduled for longer."""
 FOLLOW_POLL_S = 0.0001
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -309,39 +307,29 @@ def _wait_running(vm: Qemu, timeout: float = 60.0) -> None:
         time.sleep(0.001)
 
 
-def start_observer(observer: Observer) -> bool:
-    """Start the observer's sampling thread at real-time priority when allowed; True if it got it.
-
-    The hosts we measure on are shared and oversubscribed: a normal-priority
-    observer can go tens of milliseconds without running, which would be
-    measured as guest pause. The thread inherits SCHED_FIFO from the calling
-    thread, which drops back to SCHED_OTHER at once (so QEMU, spawned later,
-    does not inherit it). The observer sleeps between samples, so it takes
-    little CPU.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-    except PermissionError:
-        log.warning("no SCHED_FIFO for the observer: pauses include its scheduling delays")
-        observer.start()
-        return False
-    try:
-        observer.start()
-    finally:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    return True
+def pin_vcpus(vm: Qemu, cpus: tuple[int, ...] | None) -> None:
+    """Move ``vm``'s vCPU threads to ``cpus`` (libvirt's vcpupin), as the reference VMM's
+    ``--vcpu-cpus`` places its own; its other threads keep the runner's CPUs."""
+    if cpus is None:
+        return
+    for cpu in vm.cmd("query-cpus-fast"):
+        os.sched_setaffinity(cpu["thread-id"], cpus)
 
 
 def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle: float = 0.3) -> Run:
     """Start a source guest, migrate it to a new QEMU in ``mode``, measure, and shut both down."""
+    affinity = os.sched_getaffinity(0)
+    vcpus = pin_vcpu()  # QEMU's emulator threads inherit the other CPUs; its vCPUs move to these
     with tempfile.TemporaryDirectory(prefix="cprfast-qemu-") as tmp:
         workdir = Path(tmp)
         main_sock = str(workdir / "main.sock")
-        src, src_memfd = start_source(image, ram, accel, hot_len, workdir)
+        src: Qemu | None = None
         dst: Qemu | None = None
-        observer = Observer(src_memfd, HEARTBEAT, interval_ns=OBSERVER_INTERVAL_NS)
+        observer: Observer | None = None
         try:
-            realtime = start_observer(observer)
+            src, src_memfd = start_source(image, ram, accel, hot_len, workdir)
+            pin_vcpus(src, vcpus)
+            observer, realtime = start_observer(src_memfd)
             time.sleep(settle)
             if mode == "cpr-transfer":
                 cpr_path = str(workdir / "cpr.sock")
@@ -365,12 +353,14 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
                     ],
                 )
                 dst.connect()  # its monitor comes up after it loaded the cpr state
+                pin_vcpus(dst, vcpus)
                 info = _wait_status(src, {"completed"})
                 _wait_running(dst)
                 t1 = time.monotonic_ns()
             else:
                 dst = spawn([*machine_args(image, ram, accel), "-incoming", f"unix:{main_sock}"], workdir, "dst")
                 dst.connect()  # QEMU listens on the main channel before its monitor runs
+                pin_vcpus(dst, vcpus)
                 dst_memfd = find_ram_memfd(dst.proc.pid, ram)
                 dst_fd = os.open(dst_memfd, os.O_RDONLY)
                 src_fd = os.open(src_memfd, os.O_RDONLY)
@@ -394,12 +384,14 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
                 os.close(fd)
             report = observer.stop()
         finally:
-            if observer.running:
+            if observer is not None and observer.running:
                 observer.stop()
             if dst is not None:
                 dst.close()
-            src.close()
+            if src is not None:
+                src.close()
             close_thread_loop()
+            os.sched_setaffinity(0, affinity)
         ram_info = info.get("ram", {})
         return Run(
             pause_ms=_stall_overlapping(report, t0, t1) / 1e6,

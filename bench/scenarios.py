@@ -6,7 +6,7 @@ checks as ``cprfast demo``) and live-updates it through every mode, ``runs``
 times round, each update into a fresh process. Results are medians per
 (mode, RAM, hot set), written with every single run to ``bench/results/``
 (``scenarios-<date>.json`` and ``scenarios-latest.json``), beside QEMU's
-figures from ``bench/results/qemu-latest.json`` when the QEMU runner left one.
+figures from ``bench/results/qemu-<mode>-<size>.json`` when the QEMU runner left them.
 """
 
 from __future__ import annotations
@@ -123,13 +123,12 @@ def summarize(steps: Sequence[StepResult]) -> list[dict[str, Any]]:
 
 
 def load_qemu(results: Path = RESULTS) -> list[dict[str, Any]]:
-    """QEMU's medians from the QEMU runner's ``qemu-latest.json``, in our summary's shape ([] if absent)."""
-    path = results / "qemu-latest.json"
-    if not path.exists():
-        return []
-    doc = json.loads(path.read_text())
-    return [
-        {
+    """QEMU's medians from the QEMU runner's ``qemu-<mode>-<size>.json`` files, in our summary's
+    shape (``[]`` if it never ran)."""
+    out = []
+    for path in sorted(results.glob("qemu-*-*M.json")):
+        s = json.loads(path.read_text())
+        out.append({
             "mode": s["mode"],
             "mem": s["ram_bytes"],
             "hot": s["hot_bytes"],
@@ -139,9 +138,10 @@ def load_qemu(results: Path = RESULTS) -> list[dict[str, Any]]:
             "downtime_ms_median": s.get("qemu_downtime_ms_median"),
             "version": s.get("qemu_version"),
             "accel": s.get("accel"),
-        }
-        for s in doc.get("scenarios", [])
-    ]
+            "produced": s.get("produced"),
+        })
+    out.sort(key=lambda r: (r["mem"], r["hot"], MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)))
+    return out
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -156,7 +156,7 @@ def render(doc: dict[str, Any]) -> str:
         ))
     for r in doc["qemu"]:
         rows.append((
-            f"QEMU {r.get('version') or ''}".strip(), r["mode"], _gib(r["mem"]), _gib(r["hot"]), str(r["runs"]),
+            f"QEMU {r.get('version') or ''} {r.get('accel') or ''}".strip(), r["mode"], _gib(r["mem"]), _gib(r["hot"]), str(r["runs"]),
             f"{r['pause_ms_median']:.3f} ms", "", f"{r['total_ms_median']:.0f} ms", _ms(r["downtime_ms_median"]), "",
         ))
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]

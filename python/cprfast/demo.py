@@ -375,6 +375,7 @@ class LiveGuest:
         self._affinity = os.sched_getaffinity(0)
         self.vcpu_cpus = pin_vcpu() if pin else None
         self.observer_priority: int | None = OBSERVER_PRIORITY
+        """SCHED_FIFO priority of the observer's sampler; None once the kernel refused it."""
         self._generation = 0
         self._vmms: list[Vmm] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="cprfast-demo-"))
@@ -406,14 +407,10 @@ class LiveGuest:
         return ["-m", f"{self.mem >> 20}M", "--hot", f"{self.hot >> 20}M", "--guest", self.guest_kind, *pin]
 
     def observer(self, path: str) -> _core.Observer:
-        """A started observer of the heartbeat in ``path``: sleeping between samples, at real-time
-        priority where we may (else at normal priority, which :attr:`observer_priority` then says)."""
-        observer = _core.Observer(path, HEARTBEAT, interval_ns=OBSERVER_INTERVAL_NS)
-        try:
-            observer.start(self.observer_priority)
-        except PermissionError:
+        """A started observer of the heartbeat in ``path`` (:func:`start_observer`)."""
+        observer, realtime = start_observer(path)
+        if not realtime:
             self.observer_priority = None
-            observer.start()
         return observer
 
     def _start(self, *extra: str, pass_fds: Sequence[int] = ()) -> Vmm:
@@ -603,6 +600,18 @@ class LiveGuest:
 
 
 # --------------------------------------------------------------------------- the command
+
+
+def start_observer(path: str) -> tuple[_core.Observer, bool]:
+    """A started observer of the heartbeat in ``path``, sleeping between samples, at real-time
+    priority where we may; returns it and whether it got that priority."""
+    observer = _core.Observer(path, HEARTBEAT, interval_ns=OBSERVER_INTERVAL_NS)
+    try:
+        observer.start(OBSERVER_PRIORITY)
+    except PermissionError:
+        observer.start()
+        return observer, False
+    return observer, True
 
 
 def pin_vcpu() -> tuple[int, ...] | None:
