@@ -329,7 +329,7 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
         try:
             src, src_memfd = start_source(image, ram, accel, hot_len, workdir)
             pin_vcpus(src, vcpus)
-            observer, realtime = start_observer(src_memfd)
+            observer, realtime = start_observer(src_memfd, vcpus)
             time.sleep(settle)
             if mode == "cpr-transfer":
                 cpr_path = str(workdir / "cpr.sock")

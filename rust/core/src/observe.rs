@@ -31,7 +31,7 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::error::{Error, Result};
 use crate::memfd::host_page_size;
-use crate::sched::{set_fifo, spawn_pinned};
+use crate::sched::{Cpus, set_fifo, spawn_pinned};
 
 /// How many of the longest stalls a report keeps individually.
 pub const TOP_GAPS: usize = 64;
@@ -316,10 +316,11 @@ impl Observer {
         lock(&self.thread).is_some()
     }
 
-    /// Start sampling (a fresh window), at `SCHED_FIFO` `priority` if given:
-    /// a sleeping sampler then wakes on time however busy the host is.
-    /// Errors if already running, or if the priority is refused (EPERM).
-    pub fn start(&self, priority: Option<i32>) -> Result<()> {
+    /// Start sampling (a fresh window), at `SCHED_FIFO` `priority` if given
+    /// (a sleeping sampler then wakes on time however busy the host is) and
+    /// on `cpus` if given. Errors if already running, or if the priority is
+    /// refused (EPERM).
+    pub fn start(&self, priority: Option<i32>, cpus: Option<&Cpus>) -> Result<()> {
         let mut thread = lock(&self.thread);
         if thread.is_some() {
             return Err(Error::InvalidArgument("observer is already running".into()));
@@ -332,7 +333,7 @@ impl Observer {
         *lock(&self.shared.stats) = Some(Stats::new(monotonic_ns(), map.read()));
         let shared = Arc::clone(&self.shared);
         let interval = self.interval_ns;
-        let handle = spawn_pinned(std::thread::Builder::new().name("cprfast-obs".into()), None, move || {
+        let handle = spawn_pinned(std::thread::Builder::new().name("cprfast-obs".into()), cpus, move || {
             sample(&shared, map, interval)
         })?;
         if let Some(priority) = priority
@@ -489,7 +490,7 @@ mod tests {
         let r = region();
         let m = r.mapping();
         let obs = Observer::new(&Target::Fd(r.fd()), 0x1000, 0).unwrap();
-        obs.start(None).unwrap();
+        obs.start(None, None).unwrap();
         for v in 1..=3u64 {
             m.write(0x1000, &v.to_le_bytes()).unwrap();
             wait_changes(&obs, v);

@@ -142,10 +142,12 @@ impl PyObserver {
         Ok(Self { inner })
     }
 
-    /// Start sampling a fresh window; `priority` runs the sampler at that SCHED_FIFO priority.
-    #[pyo3(signature = (priority=None))]
-    fn start(&self, priority: Option<i32>) -> PyResultCore<()> {
-        Ok(self.inner.start(priority)?)
+    /// Start sampling a fresh window; `priority` runs the sampler at that SCHED_FIFO priority,
+    /// `cpus` pins it.
+    #[pyo3(signature = (priority=None, cpus=None))]
+    fn start(&self, priority: Option<i32>, cpus: Option<Vec<usize>>) -> PyResultCore<()> {
+        let cpus = crate::sched::cpus(cpus)?;
+        Ok(self.inner.start(priority, cpus.as_ref())?)
     }
 
     /// Stop sampling and return the report of the whole window.
