@@ -261,19 +261,22 @@ def test_sleeping_observer_samples_at_most_once_per_interval(region: Region, gue
 
 
 def test_real_time_sampler_or_a_clear_refusal(region: Region, guest: ThreadsGuest) -> None:
-    """start(priority): the sampling thread runs SCHED_FIFO; without CAP_SYS_NICE, EPERM and no thread."""
+    """start(priority, cpus): the sampling thread runs SCHED_FIFO where it is pinned; without
+    CAP_SYS_NICE, EPERM and no thread."""
     obs = Observer(region.fileno(), interval_ns=50_000)
     with pytest.raises(ValueError, match="outside 1..=99"):
         obs.start(0)
     assert not obs.running
+    last = max(os.sched_getaffinity(0))
     try:
-        obs.start(1)
+        obs.start(1, cpus=[last])
     except PermissionError:
         assert not obs.running
         return
     try:
         tids = [t for t in os.listdir("/proc/self/task") if Path(f"/proc/self/task/{t}/comm").read_text() == "cprfast-obs\n"]
         assert len(tids) == 1 and os.sched_getscheduler(int(tids[0])) == os.SCHED_FIFO
+        assert os.sched_getaffinity(int(tids[0])) == {last}
     finally:
         rep = obs.stop()
     assert rep.changes > 0
