@@ -109,6 +109,8 @@ def test_transfer_end_to_end(tmp_path: Path, guest: str) -> None:
         print(f"cpr-transfer {guest} {MEM}: guest pause {report.max_stall_ns / 1e3:.0f} us, "
               f"downtime {info.get('downtime')} ms, total {info.get('total-time')} ms")
         assert report.heartbeat_monotonic
+        # RAM stayed in place: only the device state crossed, all of it with the guest stopped.
+        assert 0 < info["ram"]["transferred"] == info["ram"]["downtime-bytes"] < 64 << 10
         check_switchover(src, dst, before)
         assert fd_count(src.pid) == fds_before  # every socket of the hand-over is closed
         src.quit()

@@ -125,6 +125,7 @@ class TransferDriver:
         self.host = host
         self.pre_stop = pre_stop
         self._out: _Outgoing | None = None
+        self._sent = 0
 
     def prepare(self, ctx: MigrationContext) -> None:
         """Phase 1, guest running: hand over the RAM fds and wait until the target is ready."""
@@ -167,12 +168,15 @@ class TransferDriver:
         ack = _recv_ack(out.main, ctx, "confirmed it runs the guest")
         if ack != ACK_RUNNING:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the device state")
+        # As QEMU counts it: the main stream's bytes, all sent with the guest stopped.
+        ctx.ram.transferred = ctx.ram.downtime_bytes = self._sent
 
     def _send_devices(self, ctx: MigrationContext, out: _Outgoing, main: socket.socket | None) -> None:
         """Phase 2. Pre-connected: device state first (as much as the socket takes without blocking),
         so the target finds it waiting when the device fds wake it up. Deferred: QEMU's order."""
         assert out.devices_sock is not None and out.devices is not None
         stream = encode_main(self.host.devices, self.pre_stop.value)
+        self._sent = len(stream)
         try:
             sent = _send_nowait(main, stream) if main is not None else 0
             send_state(out.devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
