@@ -9,13 +9,13 @@ QEMU: incoming CPR state is loaded before any device exists. A live-updated
 guest resumes before the migration machinery and the QMP server are even
 imported, so the pause holds only what the guest needs to run.
 
-Parsing is by hand (no argparse): this runs on a cpr-exec successor's pause path.
+Parsing is by hand (no argparse, no dataclasses): this runs on a cpr-exec
+successor's pause path, which imports nothing it can do without.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 from cprfast.errors import CprError
 
@@ -55,15 +55,15 @@ def parse_qmp(spec: str) -> str:
     return path
 
 
-@dataclass
 class Config:
     """A parsed command line."""
 
-    ram_size: int = 128 << 20
-    hot_size: int = 64 << 20
-    guest: str = "auto"
-    qmp: str | None = None
-    incoming: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.ram_size = 128 << 20
+        self.hot_size = 64 << 20
+        self.guest = "auto"
+        self.qmp: str | None = None
+        self.incoming: list[str] = []
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -100,13 +100,16 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the reference VMM until QMP ``quit``; returns the exit status."""
+def main(argv: list[str] | None = None, *, started_ns: int | None = None) -> int:
+    """Run the reference VMM until QMP ``quit``; returns the exit status.
+
+    ``started_ns`` (CLOCK_MONOTONIC) is when the program began, the ``main`` mark of the timeline.
+    """
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         from cprfast.vmm.launch import launch
 
-        machine = launch(cfg)
+        machine = launch(cfg, started_ns=started_ns)
     except (CprError, OSError, ValueError) as e:
         sys.stderr.write(f"cprfast-vmm: {e}\n")
         return 1
