@@ -17,6 +17,7 @@ venv: $(VENV)/.ready
 # Build the extension in release mode and install it (with its extras) into .venv.
 build: venv
 	$(VENV)/bin/maturin develop --release -q -E $(EXTRAS)
+	$(PY) -m compileall -q python/cprfast  # bytecode even under PYTHONDONTWRITEBYTECODE: a cpr-exec successor must not compile on its pause path
 
 demo: build
 	$(VENV)/bin/cprfast info

@@ -23,26 +23,34 @@ Where we do better than QEMU (each said again where it happens): a duplicate key
 or a different fd for a saved key is a :class:`CprError`, not a silent second
 entry or an abort; a corrupt stream is a :class:`StreamError` naming the problem
 with every fd received so far closed; fds are sent in batches.
+
+A cpr-exec successor loads its state with this module before it resumes the
+guest, so at import it loads only what that needs (no ``logging``, ``socket``,
+``typing`` or ``dataclasses``); the cpr-transfer parts import theirs when called.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
-import select
-import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 from cprfast import _core
-from cprfast.channels import FdAddress, MigrationAddress, UnixAddress, connect, listen
 from cprfast.errors import CprError, MigrationError, StreamError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    import socket
+    from collections.abc import Callable, Iterable, MutableMapping, Sequence
+    from typing import Literal
+
+    from cprfast.channels import MigrationAddress
+
+    IncomingMode = Literal["cpr-exec", "cpr-transfer"]
 
 __all__ = [
     "EXEC_STATE_ENV",
@@ -53,13 +61,13 @@ __all__ = [
     "VFIO_SUBSECTION",
     "CprState",
     "IncomingCpr",
-    "IncomingMode",
     "SocketStreamReader",
     "StreamReader",
     "VfioDevice",
     "decode",
     "encode",
     "incoming_mode",
+    "load_exec_state",
     "load_incoming",
     "persist_exec_state",
     "receive_state",
@@ -70,8 +78,6 @@ __all__ = [
     "wait_hup",
     "write_exec_state",
 ]
-
-log = logging.getLogger(__name__)
 
 MAGIC = 0x51435052
 """``QEMU_CPR_FILE_MAGIC``, "QCPR"."""
@@ -96,7 +102,12 @@ _SUBSECTION = 0x05
 _SERVICE_BYTE = 0x20
 _RECV_BUFSIZE = 1 << 16
 
-IncomingMode = Literal["cpr-exec", "cpr-transfer"]
+
+def _log() -> logging.Logger:
+    """This module's logger, imported when first needed (never on the cpr-exec load path)."""
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 def _name_bytes(name: str, what: str) -> bytes:
@@ -121,20 +132,37 @@ def _check_u32(value: int, what: str) -> None:
         raise ValueError(f"{what} {value} does not fit in 32 unsigned bits")
 
 
-@dataclass(frozen=True)
 class VfioDevice:
-    """One entry of QEMU's VFIO subsection: an iommufd-backed device to reattach."""
+    """One entry of QEMU's VFIO subsection: an iommufd-backed device to reattach (immutable)."""
 
+    __slots__ = ("devid", "hwpt_id", "ioas_id", "name")
     name: str
     devid: int
     ioas_id: int
     hwpt_id: int
 
-    def __post_init__(self) -> None:
-        _name_bytes(self.name, "vfio device")
-        _check_s32(self.devid, "vfio devid")
-        _check_u32(self.ioas_id, "vfio ioas_id")
-        _check_u32(self.hwpt_id, "vfio hwpt_id")
+    def __init__(self, name: str, devid: int, ioas_id: int, hwpt_id: int) -> None:
+        _name_bytes(name, "vfio device")
+        _check_s32(devid, "vfio devid")
+        _check_u32(ioas_id, "vfio ioas_id")
+        _check_u32(hwpt_id, "vfio hwpt_id")
+        for attr, value in (("name", name), ("devid", devid), ("ioas_id", ioas_id), ("hwpt_id", hwpt_id)):
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"VfioDevice is immutable: cannot set {name!r}")
+
+    def _key(self) -> tuple[str, int, int, int]:
+        return (self.name, self.devid, self.ioas_id, self.hwpt_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VfioDevice) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"VfioDevice(name={self.name!r}, devid={self.devid}, ioas_id={self.ioas_id}, hwpt_id={self.hwpt_id})"
 
 
 def _same_file(a: int, b: int) -> bool:
@@ -503,7 +531,7 @@ def decode(reader: StreamReader) -> CprState:
             os.close(fd)
         raise
     for fd in reader.take_unclaimed():
-        log.warning("received fd %d was never claimed", fd)
+        _log().warning("received fd %d was never claimed", fd)
         os.close(fd)
     state = CprState()
     state._adopt(entries)
@@ -536,6 +564,8 @@ def send_state(
         _send_all(sock, data[start:end], batch, deadline)
         start = end
     _send_all(sock, data[start:], (), deadline)
+    import socket
+
     sock.shutdown(socket.SHUT_WR)
 
 
@@ -553,6 +583,9 @@ def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:
     HUP cannot tell "target listening" from "target died": the caller learns
     which when it connects the main channel.
     """
+    import select
+    import socket
+
     deadline = _deadline(timeout)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -584,6 +617,8 @@ def transfer_outgoing(
 
     Returns the socket, write side shut; pass it to :func:`wait_hup`, then close it.
     """
+    from cprfast.channels import UnixAddress, connect
+
     if not isinstance(cpr_channel, UnixAddress):
         raise MigrationError("bad cpr channel address; must be unix")
     sock = connect(cpr_channel, timeout=timeout)
@@ -655,7 +690,6 @@ def _read_exec_state(fd: int) -> bytes:
 # ------------------------------------------------------------------ early load
 
 
-@dataclass
 class IncomingCpr:
     """What :func:`load_incoming` found: the mode, the state, and for cpr-transfer the channel.
 
@@ -663,9 +697,13 @@ class IncomingCpr:
     HUP the source waits for before it connects.
     """
 
-    mode: IncomingMode
-    state: CprState
-    channel_sock: socket.socket | None = field(default=None)
+    def __init__(self, mode: IncomingMode, state: CprState, channel_sock: socket.socket | None = None) -> None:
+        self.mode: IncomingMode = mode
+        self.state = state
+        self.channel_sock = channel_sock
+
+    def __repr__(self) -> str:
+        return f"<IncomingCpr {self.mode} {self.state!r}>"
 
 
 _incoming_mode: IncomingMode | None = None
@@ -682,26 +720,17 @@ def reset_incoming_mode() -> None:
     _incoming_mode = None
 
 
-def load_incoming(
-    *,
-    cpr_channel: MigrationAddress | None,
-    environ: MutableMapping[str, str] = os.environ,
-    timeout: float | None = None,
-) -> IncomingCpr | None:
-    """Load incoming CPR state at start-up, before any device exists; None if there is none.
+def load_exec_state(environ: MutableMapping[str, str] = os.environ) -> CprState | None:
+    """Load cpr-exec state at start-up, before any device exists; None without the variable.
 
-    cpr-exec state (the ``QEMU_CPR_EXEC_STATE`` variable) wins over a cpr channel,
-    as in QEMU: the variable is read and unset, the memfd read from offset 0 and
-    closed, and close-on-exec is set again on every loaded fd. Otherwise, with a
-    cpr channel (a UNIX path, or an inherited listening fd), one client is
-    accepted and the state received; its socket is kept open in the result.
+    The ``QEMU_CPR_EXEC_STATE`` variable is read and unset, the memfd checked,
+    read from offset 0 and closed, the stream decoded, and close-on-exec set
+    again on every loaded fd. This is the whole of a cpr-exec successor's state
+    loading, so it imports and logs nothing (it runs while the guest is paused).
     """
     global _incoming_mode
-    value = environ.get(EXEC_STATE_ENV)
+    value = environ.pop(EXEC_STATE_ENV, None)
     if value is not None:
-        if cpr_channel is not None:
-            log.info("ignoring cpr channel for migration mode cpr-exec")
-        del environ[EXEC_STATE_ENV]
         if not value.isascii() or not value.isdigit():
             raise StreamError(f"{EXEC_STATE_ENV}={value!r} is not an fd number")
         fd = int(value)
@@ -716,6 +745,31 @@ def load_incoming(
         state = decode(StreamReader(data, inline_fds=False))
         state.unpreserve()
         _incoming_mode = "cpr-exec"
+        return state
+    return None
+
+
+def load_incoming(
+    *,
+    cpr_channel: MigrationAddress | None,
+    environ: MutableMapping[str, str] = os.environ,
+    timeout: float | None = None,
+) -> IncomingCpr | None:
+    """Load incoming CPR state at start-up, before any device exists; None if there is none.
+
+    cpr-exec state (the ``QEMU_CPR_EXEC_STATE`` variable, :func:`load_exec_state`)
+    wins over a cpr channel, as in QEMU. Otherwise, with a cpr channel (a UNIX
+    path, or an inherited listening fd), one client is accepted and the state
+    received; its socket is kept open in the result.
+    """
+    global _incoming_mode
+    from cprfast.channels import FdAddress, UnixAddress, listen
+
+    log = _log()
+    if EXEC_STATE_ENV in environ and cpr_channel is not None:
+        log.info("ignoring cpr channel for migration mode cpr-exec")
+    state = load_exec_state(environ)
+    if state is not None:
         log.info("loaded cpr-exec state: %d fds", len(state))
         return IncomingCpr("cpr-exec", state)
     if cpr_channel is None:

@@ -16,39 +16,35 @@ for the next update.
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 from cprfast.errors import StreamError
 from cprfast.stream import Section
 
+TYPE_CHECKING = False  # no ``typing`` at run time: a cpr-exec successor loads devices before it resumes
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
     from cprfast.cpr_state import CprState
 
-log = logging.getLogger(__name__)
+    class Device(Protocol):
+        """What a device implements to migrate its state (a type for checkers only)."""
+
+        def save_state(self) -> bytes:
+            """Return the device's state; called with the VM stopped."""
+            ...
+
+        def load_state(self, data: bytes, version: int) -> None:
+            """Apply state saved by a device of format ``version`` (never newer than ours)."""
+            ...
 
 
-class Device(Protocol):
-    """What a device implements to migrate its state."""
-
-    def save_state(self) -> bytes:
-        """Return the device's state; called with the VM stopped."""
-        ...
-
-    def load_state(self, data: bytes, version: int) -> None:
-        """Apply state saved by a device of format ``version`` (never newer than ours)."""
-        ...
-
-
-@dataclass
 class _Entry:
-    name: str
-    instance: int
-    version: int
-    device: Device
+    __slots__ = ("device", "instance", "name", "version")
+
+    def __init__(self, name: str, instance: int, version: int, device: Device) -> None:
+        self.name, self.instance, self.version, self.device = name, instance, version, device
 
 
 class DeviceRegistry:
@@ -103,7 +99,6 @@ class DeviceRegistry:
         """
         fd = cpr.find_fd(name, instance)
         if fd is not None:
-            log.debug("device fd %s/%d adopted from CPR state (fd %d)", name, instance, fd)
             return fd
         new_fd = open_fd()
         try:

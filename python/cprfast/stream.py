@@ -22,7 +22,6 @@ import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from cprfast.errors import StreamError
 
@@ -41,14 +40,32 @@ _END = struct.Struct(">BI")
 _CRC = struct.Struct(">I")
 
 
-@dataclass(frozen=True)
 class Section:
-    """One device's saved state as it travels on the main stream."""
+    """One device's saved state as it travels on the main stream.
 
-    name: str
-    instance: int
-    version: int
-    payload: bytes
+    A plain class, not a dataclass: a cpr-exec successor reads sections before
+    it resumes the guest, and ``dataclasses`` (with ``inspect``) costs it milliseconds.
+    """
+
+    __slots__ = ("instance", "name", "payload", "version")
+
+    def __init__(self, name: str, instance: int, version: int, payload: bytes) -> None:
+        self.name = name
+        self.instance = instance
+        self.version = version
+        self.payload = payload
+
+    def _key(self) -> tuple[str, int, int, bytes]:
+        return (self.name, self.instance, self.version, self.payload)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Section) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Section({self.name!r}, {self.instance}, {self.version}, <{len(self.payload)} bytes>)"
 
 
 def _write_all(fd: int, data: bytes) -> int:

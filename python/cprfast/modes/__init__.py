@@ -8,45 +8,48 @@ are handed over (cpr-transfer) or kept across ``exec`` (cpr-exec); the main
 channel carries only device state, headed by the source's run state.
 
 This module stays small on purpose: a cpr-exec successor imports it before it
-resumes the guest, so nothing here may pull in the QMP server or NumPy.
+resumes the guest, so nothing here may pull in the QMP server, NumPy, or even
+``typing`` at run time (:class:`CprHost` exists for type checkers only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Protocol, cast
+import os
 
 from cprfast.errors import StreamError
 from cprfast.stream import Section, StreamWriter, read_stream
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Collection
+    from typing import Protocol
+
     from cprfast.cpr_state import CprState
     from cprfast.devices import DeviceRegistry
     from cprfast.migration import MigrationState
     from cprfast.modes.transfer import TransferTarget
 
+    class CprHost(Protocol):
+        """What the CPR modes need from a VMM."""
+
+        @property
+        def cpr(self) -> CprState:
+            """Every preserved fd, guest RAM included (the registry owns them)."""
+            ...
+
+        @property
+        def devices(self) -> DeviceRegistry:
+            """The devices whose state travels on the main channel."""
+            ...
+
+        @property
+        def ram_keys(self) -> Collection[tuple[str, int]]:
+            """The ``(name, id)`` keys in :attr:`cpr` that are guest RAM: passive memory that
+            cpr-transfer may hand over while the guest still runs."""
+            ...
+
 RUN_STATE_SECTION = "cprfast/run-state"
 """The first section of a CPR main stream: the source VM's run state before it stopped."""
-
-
-class CprHost(Protocol):
-    """What the CPR modes need from a VMM."""
-
-    @property
-    def cpr(self) -> CprState:
-        """Every preserved fd, guest RAM included (the registry owns them)."""
-        ...
-
-    @property
-    def devices(self) -> DeviceRegistry:
-        """The devices whose state travels on the main channel."""
-        ...
-
-    @property
-    def ram_keys(self) -> Collection[tuple[str, int]]:
-        """The ``(name, id)`` keys in :attr:`cpr` that are guest RAM: passive memory that
-        cpr-transfer may hand over while the guest still runs."""
-        ...
 
 
 def write_devices(writer: StreamWriter, devices: DeviceRegistry, run_state: str) -> None:
@@ -85,6 +88,16 @@ def read_main(fd: int, devices: DeviceRegistry) -> str:
     return load_devices(read_stream(fd), devices)
 
 
+def read_main_file(path: str, offset: int, devices: DeviceRegistry) -> str:
+    """:func:`read_main` from a file (cpr-exec's main channel), starting at ``offset``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return read_main(fd, devices)
+    finally:
+        os.close(fd)
+
+
 class PreStopState:
     """The VM's run state just before a migration stopped it (what the target resumes into)."""
 
@@ -106,6 +119,8 @@ def register(
     started with ``-incoming defer``); and, on a cpr-transfer target, the incoming
     driver that finishes what ``transfer_target`` began at start-up.
     """
+    from typing import cast
+
     from cprfast.modes import precopy, reboot
     from cprfast.modes.exec import ExecDriver, ExecIncoming
     from cprfast.modes.transfer import TransferDriver, TransferIncoming
@@ -125,11 +140,11 @@ def register(
 
 __all__ = [
     "RUN_STATE_SECTION",
-    "CprHost",
     "PreStopState",
     "encode_main",
     "load_devices",
     "read_main",
+    "read_main_file",
     "register",
     "write_devices",
     "write_main",

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 from cprfast.channels import ChannelType, FileAddress, open_file
 from cprfast.cpr_state import persist_exec_state, unpersist_exec_state, write_exec_state
 from cprfast.errors import MigrationError
-from cprfast.modes import CprHost, PreStopState, read_main, write_main
+from cprfast.modes import PreStopState, read_main_file, write_main
 
 if TYPE_CHECKING:
+    from cprfast.modes import CprHost
     from cprfast.migration import IncomingContext, MigrationContext
     from cprfast.status import RunState
 
@@ -92,8 +93,4 @@ def load_file(addr: object, host: CprHost) -> str:
     """Load a cpr-exec main file into ``host``'s devices; returns the predecessor's run state."""
     if not isinstance(addr, FileAddress):
         raise MigrationError(f"cpr-exec: the main channel must be a file:, not {getattr(addr, 'uri', addr)}")
-    fd = open_file(addr, write=False)
-    try:
-        return read_main(fd, host.devices)
-    finally:
-        os.close(fd)
+    return read_main_file(addr.path, addr.offset, host.devices)

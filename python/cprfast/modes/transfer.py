@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING
 from cprfast.channels import ChannelType, FdAddress, MigrationAddress, UnixAddress, connect, listen
 from cprfast.cpr_state import SCM_MAX_FD, CprState, receive_state, send_state, wait_hup
 from cprfast.errors import MigrationError
-from cprfast.modes import CprHost, PreStopState, encode_main, read_main
+from cprfast.modes import PreStopState, encode_main, read_main
 
 if TYPE_CHECKING:
+    from cprfast.modes import CprHost
     from cprfast.channels import Listener
     from cprfast.devices import DeviceRegistry
     from cprfast.migration import IncomingContext, MigrationContext, MigrationState

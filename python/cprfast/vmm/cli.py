@@ -13,13 +13,13 @@ imported, so the pause holds only what the guest needs to run.
 the others (libvirt's ``vcpupin`` and ``emulatorpin``): the VMM's own work, a
 migration above all, then no longer preempts the guest.
 
-Parsing is by hand (no argparse): this runs on a cpr-exec successor's pause path.
+Parsing is by hand (no argparse, no dataclasses): this runs on a cpr-exec
+successor's pause path, which imports nothing it can do without.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 from cprfast.errors import CprError
 
@@ -81,16 +81,16 @@ def pin_emulator(vcpu_cpus: tuple[int, ...]) -> None:
         os.sched_setaffinity(0, rest)
 
 
-@dataclass
 class Config:
     """A parsed command line."""
 
-    ram_size: int = 128 << 20
-    hot_size: int = 64 << 20
-    guest: str = "auto"
-    qmp: str | None = None
-    incoming: list[str] = field(default_factory=list)
-    vcpu_cpus: tuple[int, ...] | None = None
+    def __init__(self) -> None:
+        self.ram_size = 128 << 20
+        self.hot_size = 64 << 20
+        self.guest = "auto"
+        self.qmp: str | None = None
+        self.incoming: list[str] = []
+        self.vcpu_cpus: tuple[int, ...] | None = None
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -129,15 +129,18 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the reference VMM until QMP ``quit``; returns the exit status."""
+def main(argv: list[str] | None = None, *, started_ns: int | None = None) -> int:
+    """Run the reference VMM until QMP ``quit``; returns the exit status.
+
+    ``started_ns`` (CLOCK_MONOTONIC) is when the program began, the ``main`` mark of the timeline.
+    """
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         if cfg.vcpu_cpus is not None:
             pin_emulator(cfg.vcpu_cpus)
         from cprfast.vmm.launch import launch
 
-        machine = launch(cfg)
+        machine = launch(cfg, started_ns=started_ns)
     except (CprError, OSError, ValueError) as e:
         sys.stderr.write(f"cprfast-vmm: {e}\n")
         return 1

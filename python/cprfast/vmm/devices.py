@@ -1,7 +1,8 @@
 """The reference VMM's devices: one with state on the main channel, one with a preserved fd.
 
 - :class:`Doorbell` keeps a ring counter and the last messages; its state
-  travels on the main channel. While "held" (a ring in flight) it vetoes a
+  travels on the main channel (packed with ``struct``: a cpr-exec successor
+  loads it before the guest resumes, and ``json`` would import ``re``). While "held" (a ring in flight) it vetoes a
   migration in PRECOPY_SETUP, the way a VFIO device refuses a mode it cannot do.
 - :class:`Console` owns a pipe, a kernel object that must survive the update:
   bytes written into it by (or through) the old process are read by the new
@@ -10,23 +11,30 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import TYPE_CHECKING
+import struct
 
 from cprfast.devices import DeviceRegistry
+from cprfast.errors import StreamError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from cprfast.cpr_state import CprState
 
 MAX_LOG = 16
+_HEAD = struct.Struct(">QH")  # rings, number of messages
+_LEN = struct.Struct(">I")  # one message's UTF-8 length
 
 
 class Doorbell:
-    """Rings counted and logged; state on the main channel (``doorbell``, version 1)."""
+    """Rings counted and logged; state on the main channel (``doorbell``, version 2).
+
+    Version 2 is ``>QH`` (rings, message count), then each message as ``>I``
+    length and UTF-8 bytes; version 1 was JSON and is still read.
+    """
 
     NAME = "doorbell"
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self) -> None:
         self.rings = 0
@@ -40,14 +48,37 @@ class Doorbell:
         return self.rings
 
     def save_state(self) -> bytes:
-        """Counter and log, as JSON."""
-        return json.dumps({"rings": self.rings, "log": self.log}).encode()
+        """Counter and log (version 2)."""
+        out = bytearray(_HEAD.pack(self.rings, len(self.log)))
+        for message in self.log:
+            raw = message.encode("utf-8", "surrogateescape")
+            out += _LEN.pack(len(raw)) + raw
+        return bytes(out)
 
     def load_state(self, data: bytes, version: int) -> None:
-        """Adopt the predecessor's counter and log."""
-        state = json.loads(data)
-        self.rings = int(state["rings"])
-        self.log = [str(m) for m in state["log"]][-MAX_LOG:]
+        """Adopt the predecessor's counter and log; a malformed state is a StreamError."""
+        if version == 1:
+            import json
+
+            state = json.loads(data)
+            self.rings = int(state["rings"])
+            self.log = [str(m) for m in state["log"]][-MAX_LOG:]
+            return
+        try:
+            rings, count = _HEAD.unpack_from(data)
+            pos, log = _HEAD.size, []
+            for _ in range(count):
+                (n,) = _LEN.unpack_from(data, pos)
+                pos += _LEN.size
+                if pos + n > len(data):
+                    raise StreamError(f"doorbell state: message of {n} bytes runs past the end")
+                log.append(data[pos : pos + n].decode("utf-8", "surrogateescape"))
+                pos += n
+        except struct.error as e:
+            raise StreamError(f"doorbell state is truncated: {e}") from None
+        if pos != len(data):
+            raise StreamError(f"doorbell state has {len(data) - pos} bytes after its messages")
+        self.rings, self.log = rings, log[-MAX_LOG:]
 
     def notifier(self, event: object, mode: object) -> str | None:
         """Migration notifier: refuse PRECOPY_SETUP while a ring is held."""

@@ -10,11 +10,14 @@ itself stays in the memfd.
 from __future__ import annotations
 
 import struct
-from typing import Literal
 
 from cprfast import _core
 
-GuestKind = Literal["kvm", "threads"]
+TYPE_CHECKING = False  # no ``typing`` at run time: a cpr-exec successor builds the guest before it resumes
+if TYPE_CHECKING:
+    from typing import Literal
+
+    GuestKind = Literal["kvm", "threads"]
 
 HEARTBEAT = 0x1000
 """Guest-RAM offset of the u64 heartbeat (``layout::HEARTBEAT``)."""

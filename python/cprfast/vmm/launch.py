@@ -4,6 +4,18 @@ The three paths share one rule: everything a live-updated guest needs to run
 (RAM, the guest's memory slot and vCPU, the devices and their state) comes
 first, then the guest resumes, and only then the migration object and the QMP
 server are imported and created.
+
+A cpr-exec successor is the strict case: its guest has been paused since the
+old program stopped it, through ``exec`` and the interpreter's start. Until it
+resumes the guest it imports only the CPR-state reader, the machine (guest,
+devices) and the main-stream reader, and none of ``typing``, ``re``,
+``logging``, ``dataclasses``, ``socket`` or ``json``; the channel parser only
+for ``-incoming`` forms other than ``file:PATH`` and ``defer``. Every check
+stays on that path: the state fd is validated, the CPR and main streams are
+verified before any device loads. Its timeline (``x-query-guest``) spans the
+exec: ``stopped`` and ``exec`` from the old program, then ``main`` (the new
+program's first line), ``state`` (CPR state loaded), ``machine`` (RAM adopted,
+KVM VM, memory slot and vCPU created), ``loaded`` (device state) and ``resumed``.
 """
 
 from __future__ import annotations
@@ -11,15 +23,21 @@ from __future__ import annotations
 import os
 import time
 
-from cprfast.channels import DEFER, ChannelType, FileAddress, MigrationAddress, parse_incoming
-from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_incoming
+from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
+from cprfast.modes import read_main_file
 from cprfast.vmm.cli import Config
-from cprfast.vmm.machine import Machine
+from cprfast.vmm.machine import Machine, carried_timeline
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cprfast.channels import MigrationAddress
 
 
 def _channels(specs: list[str]) -> tuple[bool, MigrationAddress | None, MigrationAddress | None]:
     """``-incoming`` values -> (defer, main, cpr)."""
+    from cprfast.channels import DEFER, ChannelType, parse_incoming
+
     defer = False
     found: dict[ChannelType, MigrationAddress] = {}
     for spec in specs:
@@ -37,27 +55,31 @@ def _channels(specs: list[str]) -> tuple[bool, MigrationAddress | None, Migratio
     return defer, main, found.get(ChannelType.CPR)
 
 
-def launch(cfg: Config) -> Machine:
-    """Build and start the machine ``cfg`` describes; returns it with its QMP server created."""
-    defer, main, cpr = _channels(cfg.incoming)
+def launch(cfg: Config, started_ns: int | None = None) -> Machine:
+    """Build and start the machine ``cfg`` describes; returns it with its QMP server created.
+
+    ``started_ns`` (CLOCK_MONOTONIC) is when the program began: the ``main`` mark of a successor.
+    """
     if EXEC_STATE_ENV in os.environ:
-        machine = _exec_successor(cfg, defer, main, cpr)
-    elif cpr is not None:
-        machine = _transfer_target(cfg, defer, main, cpr)
+        machine = _exec_successor(cfg, started_ns if started_ns is not None else time.monotonic_ns())
     else:
-        machine = Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, vcpu_cpus=cfg.vcpu_cpus)
-        try:
-            machine.create_devices()
-            if defer or main is not None:
-                migration = machine.attach_migration("inmigrate", incoming=True)
-                if main is not None:
-                    migration.migrate_incoming(uri=main.uri)
-            else:
-                machine.attach_migration("running")
-                machine.resume_loaded("running")
-        except BaseException:
-            machine.close()
-            raise
+        defer, main, cpr = _channels(cfg.incoming)
+        if cpr is not None:
+            machine = _transfer_target(cfg, defer, main, cpr)
+        else:
+            machine = Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, vcpu_cpus=cfg.vcpu_cpus)
+            try:
+                machine.create_devices()
+                if defer or main is not None:
+                    migration = machine.attach_migration("inmigrate", incoming=True)
+                    if main is not None:
+                        migration.migrate_incoming(uri=main.uri)
+                else:
+                    machine.attach_migration("running")
+                    machine.resume_loaded("running")
+            except BaseException:
+                machine.close()
+                raise
     if cfg.qmp is not None:
         machine.serve_qmp(cfg.qmp)
     return machine
@@ -71,24 +93,53 @@ def _adopt(cfg: Config, state: CprState) -> Machine:
         raise
 
 
-def _exec_successor(cfg: Config, defer: bool, main: MigrationAddress | None, cpr: MigrationAddress | None) -> Machine:
-    """cpr-exec: adopt the inherited fds; with ``file:`` load and resume at once, with defer wait."""
-    from cprfast.modes.exec import load_file
+def _plain_exec_incoming(specs: list[str]) -> tuple[bool, str | None] | None:
+    """(defer, main file path) for the forms a successor reads without the channel parser.
 
-    if not defer and main is None:
+    Those are ``defer`` and ``file:PATH`` with no options, once each and not
+    both; anything else is None, for the full parser (and its error messages).
+    """
+    defer, path = False, None
+    for spec in specs:
+        if spec == "defer" and not defer and path is None:
+            defer = True
+        elif spec.startswith("file:") and len(spec) > 5 and "," not in spec and not defer and path is None:
+            path = spec[5:]
+        else:
+            return None
+    return defer, path
+
+
+def _exec_successor(cfg: Config, started_ns: int) -> Machine:
+    """cpr-exec: adopt the inherited fds; with ``file:`` load and resume at once, with defer wait."""
+    marks = {"main": started_ns}
+    plain = _plain_exec_incoming(cfg.incoming)
+    if plain is not None:
+        defer, path, offset = *plain, 0
+    else:
+        from cprfast.channels import FileAddress
+
+        defer, main, _ = _channels(cfg.incoming)  # a cpr channel is ignored: the state is in the environment
+        if main is not None and not isinstance(main, FileAddress):
+            raise MigrationError(f"cpr-exec: the main channel must be a file:, not {main.uri}")
+        path, offset = (main.path, main.offset) if main is not None else (None, 0)
+    if not defer and path is None:
         raise MigrationError(f"{EXEC_STATE_ENV} is set but there is no -incoming (file:PATH or defer)")
-    if main is not None and not isinstance(main, FileAddress):
-        raise MigrationError(f"cpr-exec: the main channel must be a file:, not {main.uri}")
-    incoming = load_incoming(cpr_channel=cpr)
-    assert incoming is not None
-    machine = _adopt(cfg, incoming.state)
+    state = load_exec_state()
+    assert state is not None
+    marks["state"] = time.monotonic_ns()
+    machine = _adopt(cfg, state)
+    marks["machine"] = time.monotonic_ns()
+    machine.timeline.update(carried_timeline())
     try:
         machine.create_devices()
-        if main is None:
+        if path is None:
+            machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
             return machine
-        run_state = load_file(main, machine)
-        machine.timeline["loaded"] = time.monotonic_ns()
+        run_state = read_main_file(path, offset, machine.devices)
+        marks["loaded"] = time.monotonic_ns()
+        machine.timeline.update(marks)
         machine.resume_loaded(run_state)
         machine.attach_migration(run_state)
         machine.incoming_done()

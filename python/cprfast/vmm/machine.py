@@ -17,10 +17,8 @@ resumes; step 3 imports the orchestration and the QMP server afterwards.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
 
 from cprfast import _core
 from cprfast.cpr_state import CprState
@@ -28,16 +26,31 @@ from cprfast.devices import DeviceRegistry
 from cprfast.vmm.devices import Console, Doorbell
 from cprfast.vmm.guest import HOT_START, Guest, resolve_kind
 
+TYPE_CHECKING = False  # no ``typing`` or ``logging`` at run time: see cprfast.vmm.launch
 if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+    from typing import Any
+
     from cprfast.migration import MigrationState
     from cprfast.modes.transfer import TransferTarget
     from cprfast.qmp import QMPServer
     from cprfast.status import MigMode, RunState
 
-log = logging.getLogger(__name__)
-
 RAM_NAME = "pc.ram"
 """The guest-RAM block's name: the memfd's name and its CPR fd name (id 0), as QEMU's."""
+TIMELINE_ENV = "CPRFAST_VMM_TIMELINE"
+"""Carries the source's timeline across a cpr-exec (``name=ns,...``), so one process's
+timeline spans the exec: the successor reads and removes it."""
+
+
+def carried_timeline(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
+    """After a cpr-exec: take the old program's timeline marks out of the environment."""
+    marks = {}
+    for item in environ.pop(TIMELINE_ENV, "").split(","):
+        name, _, value = item.partition("=")
+        if name and value.isascii() and value.isdigit():
+            marks[name] = int(value)
+    return marks
 
 
 class Machine:
@@ -112,7 +125,17 @@ class Machine:
         )
         modes.register(self.migration, self, transfer_target=transfer_target)
         self.migration.notifiers.add(self.doorbell.notifier, ALL_MODES)
+        self.migration.notifiers.add(self._carry_timeline, (MigMode.CPR_EXEC,))
         return self.migration
+
+    def _carry_timeline(self, event: object, mode: object) -> None:
+        """cpr-exec notifier: on PRECOPY_DONE put the timeline in the environment the exec passes on."""
+        name = getattr(event, "name", None)
+        if name == "PRECOPY_DONE":
+            carried = {"stopped": self.timeline.get("stopped", 0), "exec": time.monotonic_ns()}
+            os.environ[TIMELINE_ENV] = ",".join(f"{k}={v}" for k, v in carried.items())
+        elif name == "PRECOPY_FAILED":
+            os.environ.pop(TIMELINE_ENV, None)
 
     def incoming_done(self) -> None:
         """Record an incoming migration loaded before the migration object existed (start-up fast path)."""
