@@ -45,8 +45,8 @@ QUICK = Plan(mems=(256 * M,), hots=(16 * M,), runs=1)
 """`make bench-quick` and the test suite's smoke run: every mode once."""
 
 
-def run(plan: Plan, progress: Progress) -> dict[str, Any]:
-    """Run ``plan``; returns the results document (runs, medians, errors, QEMU's figures)."""
+def run(plan: Plan, progress: Progress, results: Path = RESULTS) -> dict[str, Any]:
+    """Run ``plan``; returns the results document (runs, medians, errors, QEMU's figures from ``results``)."""
     steps: list[StepResult] = []
     errors: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -71,7 +71,7 @@ def run(plan: Plan, progress: Progress) -> dict[str, Any]:
         "summary": summarize(steps),
         "errors": errors,
         "runs": [{**asdict(s), "ok": s.ok} for s in steps],
-        "qemu": load_qemu(),
+        "qemu": load_qemu(results),
     }
 
 

@@ -3,7 +3,7 @@
 Runs only where ``qemu-system-x86_64`` 10.x is installed (``make bench-qemu``).
 Each scenario migrates the tiny guest of bench/qemu between two QEMU processes
 ``CPRFAST_QEMU_RUNS`` times (default 5) and writes the medians, the
-accelerator used and QEMU's version to bench/results/qemu-<mode>-<size>.json. The pause is
+accelerator used and QEMU's version to <results>/qemu-<mode>-<size>.json. The pause is
 what the cprfast observer saw through /proc/PID/fd; QEMU's own total-time and
 downtime are recorded beside it.
 
@@ -53,7 +53,7 @@ def setup() -> Iterator[tuple[Path, str, str]]:
 @pytest.mark.parametrize("ram", SIZES)
 @pytest.mark.parametrize("mode", MODES)
 def test_qemu_migration(
-    benchmark: Any, setup: tuple[Path, str, str], mode: str, ram: str
+    benchmark: Any, request: pytest.FixtureRequest, setup: tuple[Path, str, str], mode: str, ram: str
 ) -> None:
     image, accel, note = setup
     if mode not in ("cpr-transfer", "normal"):
@@ -73,7 +73,7 @@ def test_qemu_migration(
         qemu_downtime_ms=scenario.qemu_downtime_ms_median,
         accel=accel,
     )
-    path = qr.write_result(scenario)
+    path = qr.write_result(scenario, request.config.getoption("--results"))
     print(
         f"\n{path.name}: pause {scenario.pause_ms_median:.1f} ms (no migration: {scenario.baseline_stall_ms_median:.1f} ms), "
         f"total {scenario.wall_ms_median:.1f} ms "

@@ -22,8 +22,8 @@ def test_live_update_scenarios(benchmark: Any, request: pytest.FixtureRequest) -
         if reporter is not None:
             reporter.write_line(f"  {msg}")
 
-    doc = benchmark.pedantic(scenarios.run, args=(plan, progress), rounds=1, iterations=1)
     results: Path = request.config.getoption("--results")
+    doc = benchmark.pedantic(scenarios.run, args=(plan, progress, results), rounds=1, iterations=1)
     path = scenarios.write(doc, results)
     pngs = plots.write_all(doc, results)
     table = scenarios.render(doc)
