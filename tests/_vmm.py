@@ -46,6 +46,12 @@ def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "cond
         time.sleep(0.01)
 
 
+def unix_listening(path: str | Path) -> bool:
+    """Whether some socket is listening at ``path`` (per /proc/net/unix): a bound but not yet listening socket refuses connections."""
+    with open("/proc/net/unix") as f:
+        return any(len(w) >= 8 and w[-1] == str(path) and w[3] == "00010000" for w in map(str.split, f))
+
+
 def fd_count(pid: int) -> int:
     """Open fds of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -111,10 +117,7 @@ class Vmm:
         return self._qmp
 
     def _listening(self) -> bool:
-        """Whether this process has a socket listening at the QMP path (per /proc/net/unix)."""
-        path = str(self.qmp_path)
-        with open("/proc/net/unix") as f:
-            return any(line.split()[-1] == path and line.split()[3] == "00010000" for line in f if len(line.split()) >= 8)
+        return unix_listening(self.qmp_path)
 
     def reconnect(self) -> QEMUMonitorProtocol:
         """Wait until the process exec's (its QMP connection drops), then connect to the new server."""

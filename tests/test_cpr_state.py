@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _vmm import unix_listening, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -539,8 +540,7 @@ def test_transfer_outgoing_and_load_incoming_over_unix(memfds: Callable[[int], l
         target=lambda: result.append(cs.load_incoming(cpr_channel=UnixAddress(path), environ={}, timeout=20))
     )
     target.start()
-    while not os.path.exists(path):
-        threading.Event().wait(0.01)
+    wait_until(lambda: unix_listening(path), what="cpr listener")
     sock = cs.transfer_outgoing(source, UnixAddress(path), timeout=20)
     target.join()
     (incoming,) = result

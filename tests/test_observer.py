@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _vmm import wait_until
 
 from cprfast import BadFdError
 from cprfast._core import Observer, ObserverReport, Region, ThreadsGuest
@@ -277,6 +278,7 @@ def test_real_time_sampler_or_a_clear_refusal(region: Region, guest: ThreadsGues
         tids = [t for t in os.listdir("/proc/self/task") if Path(f"/proc/self/task/{t}/comm").read_text() == "cprfast-obs\n"]
         assert len(tids) == 1 and os.sched_getscheduler(int(tids[0])) == os.SCHED_FIFO
         assert os.sched_getaffinity(int(tids[0])) == {last}
+        wait_until(lambda: obs.snapshot().changes > 0, what="the pinned sampler seeing the heartbeat move")
     finally:
         rep = obs.stop()
     assert rep.changes > 0
