@@ -21,7 +21,11 @@ the same for every mode:
 Unlike QEMU, a cancel while cpr-transfer waits for the target's HUP resumes the
 guest and tells the notifiers (QEMU leaves that path to its own devices), and
 ``cont`` is refused after a CPR hand-over, because the guest runs in the new
-process and its RAM is shared with it.
+process and its RAM is shared with it. Likewise once a driver *commits*
+(:meth:`MigrationContext.commit`: the target has the guest, or the last byte
+left for it) a cancel is refused, and a cancel that raced the commit does not
+resume the guest here: the migration completes (cancelling -> completed), since
+the guest runs on the target and must not run on both sides.
 """
 
 from __future__ import annotations
@@ -179,9 +183,19 @@ class MigrationContext:
         return self.channels[ChannelType.MAIN]
 
     def check_cancelled(self) -> None:
-        """Raise :class:`MigrationCancelledError` if ``migrate_cancel`` was issued."""
-        if self.cancelled.is_set():
+        """Raise :class:`MigrationCancelledError` if ``migrate_cancel`` was issued (and not committed)."""
+        if self.cancelled.is_set() and not self.committed:
             raise MigrationCancelledError("migration cancelled")
+
+    @property
+    def committed(self) -> bool:
+        """Whether :meth:`commit` was called."""
+        return self._owner._committed is self
+
+    def commit(self) -> None:
+        """The point of no return: the target has (or will run) the guest. The migration then
+        completes whatever happens, and ``migrate_cancel`` is refused."""
+        self._owner._commit(self)
 
     def activate(self) -> None:
         """setup -> active (the setup phase is over); a no-op if already past setup."""
@@ -255,6 +269,7 @@ class MigrationState:
         self._drivers: dict[MigMode, ModeDriver] = {}
         self._incoming_drivers: dict[MigMode, IncomingDriver] = {}
         self._ctx: MigrationContext | None = None
+        self._committed: MigrationContext | None = None
         self._driver: ModeDriver | None = None
         self._timing: _Timing | None = None
         self._vm_old_state: RunState | None = None
@@ -433,6 +448,9 @@ class MigrationState:
         order = (S.SETUP, S.ACTIVE, S.DEVICE, S.COMPLETED)
         while True:
             current = self.status.status
+            if current is S.CANCELLING and self._committed is self._ctx is not None:
+                self.status.transition(S.CANCELLING, S.COMPLETED)  # the cancel came too late
+                continue
             if current not in order:
                 raise MigrationCancelledError("migration cancelled")
             if order.index(current) >= order.index(target):
@@ -474,6 +492,10 @@ class MigrationState:
             dispatch.fail_after_done()
             self.status.transition(S.COMPLETED, S.FAILED)
 
+    def _commit(self, ctx: MigrationContext) -> None:
+        with self._lock:
+            self._committed = ctx
+
     def _close_cleanup(self, ctx: MigrationContext) -> None:
         try:
             ctx.cleanup.close()
@@ -511,13 +533,17 @@ class MigrationState:
                 return
 
     def cancel(self) -> None:
-        """QMP ``migrate_cancel``: works in every status; a no-op when nothing runs."""
+        """QMP ``migrate_cancel``: a no-op when nothing runs; refused once the driver committed."""
         with self._lock:
             ctx, driver = self._ctx, self._driver
             while True:
                 current = self.status.status
                 if not current.is_running or current is S.CANCELLING:
                     return
+                if ctx is not None and self._committed is ctx:
+                    raise MigrationError(
+                        "The migration has switched over: the guest runs on the target; it cannot be cancelled"
+                    )
                 if self.status.transition(current, S.CANCELLING):
                     break
         assert ctx is not None

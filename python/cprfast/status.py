@@ -71,7 +71,9 @@ _IDLE = _TERMINAL | {S.NONE}
 # Who may go where: the transitions QEMU's migration.c performs. A terminal
 # status may start a new migration (QEMU resets to none silently, then none ->
 # setup; we go straight to setup so the event stream stays gap-free).
-# completed -> failed is cpr-exec's failed execvp after the stream was written.
+# completed -> failed is cpr-exec's failed execvp after the stream was written;
+# cancelling -> completed (not QEMU's) a cancel that raced the driver's commit:
+# the target runs the guest, so the source must not resume it.
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.NONE: frozenset({S.SETUP}),
     S.SETUP: frozenset({S.ACTIVE, S.WAIT_UNPLUG, S.FAILED, S.CANCELLING, S.CANCELLED}),
@@ -96,7 +98,7 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.POSTCOPY_RECOVER_SETUP: frozenset({S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED, S.FAILED}),
     S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}),
     S.COLO: frozenset({S.COMPLETED, S.FAILED}),
-    S.CANCELLING: frozenset({S.CANCELLED}),
+    S.CANCELLING: frozenset({S.CANCELLED, S.COMPLETED}),
     S.COMPLETED: frozenset({S.SETUP, S.FAILED}),
     S.FAILED: frozenset({S.SETUP}),
     S.CANCELLED: frozenset({S.SETUP}),

@@ -134,7 +134,7 @@ def register(
     migration.register_incoming_driver(MigMode.CPR_EXEC, ExecIncoming(host))
     if transfer_target is not None:
         migration.register_incoming_driver(
-            MigMode.CPR_TRANSFER, TransferIncoming(transfer_target, host, migration)
+            MigMode.CPR_TRANSFER, TransferIncoming(transfer_target, host)
         )
 
 

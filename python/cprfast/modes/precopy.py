@@ -161,8 +161,17 @@ def _child(addr: ch.ExecAddress, *, write: bool) -> Iterator[IO[bytes]]:
     pipe = proc.stdin if write else proc.stdout
     assert pipe is not None
     try:
-        yield pipe
-        pipe.close()
+        try:
+            yield pipe
+            pipe.close()
+        except OSError as e:  # the pipe broke: the command is why, so name how it ended
+            with contextlib.suppress(OSError):
+                pipe.close()
+            try:
+                status = f"exited with status {proc.wait(10)}"
+            except subprocess.TimeoutExpired:
+                status = "did not exit"
+            raise MigrationError(f"exec: {addr.uri} {status} ({e.strerror or e})") from e
         if proc.wait() != 0:
             raise MigrationError(f"exec: {addr.uri} exited with status {proc.returncode}")
     finally:
@@ -290,6 +299,7 @@ class PrecopyDriver:
         before = writer.bytes
         self._send(ctx, writer, dirty.words | final.words, 0)
         write_devices(writer, self.host.devices, self.before_stop.value)
+        ctx.commit()  # the whole stream is out: the target may run the guest now, a cancel is too late
         ram.downtime_bytes = writer.bytes - before
         ram.transferred = writer.bytes
         ram.remaining = 0

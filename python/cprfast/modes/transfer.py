@@ -17,9 +17,13 @@ Guest-RAM memfds are passive memory, so we hand over in two phases:
    target first closes the cpr socket once it listens (QEMU's HUP) and the
    source connects and sends the device state then.
 
-The target answers ``K`` on the main channel once it runs the guest; the source
-completes only then, so a target that dies after receiving the fds leaves the
-guest running on the source (QEMU would complete into a dead target).
+The target answers ``K`` on the main channel once it has loaded the device
+state, and resumes the guest only if that answer was delivered; the source
+completes only when it reads it, and from then on refuses a cancel
+(:meth:`~cprfast.migration.MigrationContext.commit`). So a target that dies
+before answering leaves the guest running on the source (QEMU would complete
+into a dead target), and a cancel that shut the channel first keeps the target
+from resuming: the guest runs on exactly one side.
 
 Each phase is one QEMU-format CPR state on its own connection to the cpr
 socket, so the cpr codec is QEMU's; the two-connection protocol is cprfast's.
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from cprfast.modes import CprHost
     from cprfast.channels import Listener
     from cprfast.devices import DeviceRegistry
-    from cprfast.migration import IncomingContext, MigrationContext, MigrationState
+    from cprfast.migration import IncomingContext, MigrationContext
     from cprfast.status import RunState
 
 log = logging.getLogger(__name__)
@@ -169,6 +173,7 @@ class TransferDriver:
         ack = _recv_ack(out.main, ctx, "confirmed it runs the guest")
         if ack != ACK_RUNNING:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the device state")
+        ctx.commit()  # the target resumes the guest: too late to cancel, even a cancel racing this answer
         # As QEMU counts it: the main stream's bytes, all sent with the guest stopped.
         ctx.ram.transferred = ctx.ram.downtime_bytes = self._sent
 
@@ -274,11 +279,18 @@ class TransferTarget:
             sock.close()
 
     def confirm(self) -> None:
-        """Tell the source the guest runs here; it completes and stays in postmigrate."""
+        """Tell the source the guest is taken over here, before resuming it: it completes and stays
+        in postmigrate. Raises if the source is gone or cancelled (the guest must not run here)."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with conn, contextlib.suppress(OSError):
-                conn.sendall(ACK_RUNNING)
+        if conn is None:
+            raise MigrationError("cpr-transfer: confirm() without a main channel")
+        with conn:
+            try:
+                conn.send(ACK_RUNNING, socket.MSG_NOSIGNAL)
+            except OSError as e:
+                raise MigrationError(
+                    f"cpr-transfer: the source gave up before the guest resumed here ({e.strerror})"
+                ) from e
 
     def close(self) -> None:
         """Close every socket and listener (the source sees the failure and resumes its guest)."""
@@ -295,25 +307,18 @@ class TransferTarget:
 class TransferIncoming:
     """The target side after start-up, for ``-incoming defer`` (an :class:`~cprfast.migration.IncomingDriver`)."""
 
-    def __init__(self, target: TransferTarget, host: CprHost, migration: MigrationState) -> None:
+    def __init__(self, target: TransferTarget, host: CprHost) -> None:
         self.target = target
         self.host = host
-        self.migration = migration
 
     def run(self, ctx: IncomingContext) -> RunState:
-        """Listen on the main channel, hang up the cpr socket, load; confirm once the guest runs."""
+        """Listen on the main channel, hang up the cpr socket, load, confirm (the guest resumes after)."""
         from cprfast.status import RunState
 
         try:
             state = RunState(self.target.load(ctx.address, self.host.devices))
+            self.target.confirm()
         except BaseException:
             self.target.close()
             raise
-
-        def confirm(old: RunState, new: RunState) -> None:
-            if old is RunState.INMIGRATE:
-                unsubscribe()
-                self.target.confirm()
-
-        unsubscribe = self.migration.subscribe_run_state(confirm)
         return state

@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None, *, started_ns: int | None = None) -> int
     """
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        from cprfast.vmm import fault
+
+        fault.arm()
         if cfg.vcpu_cpus is not None:
             pin_emulator(cfg.vcpu_cpus)
         from cprfast.vmm.launch import launch

@@ -15,7 +15,8 @@ import os
 import struct
 
 from cprfast.devices import DeviceRegistry
-from cprfast.errors import StreamError
+from cprfast.errors import CprError, StreamError
+from cprfast.vmm import fault
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Doorbell:
 
     def save_state(self) -> bytes:
         """Counter and log (version 2)."""
+        fault.point("device-save")
         out = bytearray(_HEAD.pack(self.rings, len(self.log)))
         for message in self.log:
             raw = message.encode("utf-8", "surrogateescape")
@@ -57,6 +59,7 @@ class Doorbell:
 
     def load_state(self, data: bytes, version: int) -> None:
         """Adopt the predecessor's counter and log; a malformed state is a StreamError."""
+        fault.point("device-load")
         if version == 1:
             import json
 
@@ -92,12 +95,18 @@ class Doorbell:
 
 
 class Console:
-    """A pipe preserved across live updates (CPR fds ``console`` ids 0 = read end, 1 = write end)."""
+    """A pipe preserved across live updates (CPR fds ``console`` ids 0 = read end, 1 = write end).
+
+    With ``adopt`` (an incoming CPR state) the pipe must be there: a new, empty
+    pipe would silently lose what the guest's peer wrote into the old one.
+    """
 
     NAME = "console"
 
-    def __init__(self, cpr: CprState) -> None:
+    def __init__(self, cpr: CprState, *, adopt: bool = False) -> None:
         found = [cpr.find_fd(self.NAME, i) for i in (0, 1)]
+        if None in found and adopt:
+            raise CprError(f"the incoming CPR state has no console pipe ({self.NAME!r} ids 0 and 1): refusing to start")
         if None in found:
             for i in (0, 1):
                 cpr.delete_fd(self.NAME, i)

@@ -26,6 +26,7 @@ import time
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
+from cprfast.vmm import fault
 from cprfast.vmm.cli import Config
 from cprfast.vmm.machine import Machine, carried_timeline
 
@@ -139,6 +140,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
             return machine
         run_state = read_main_file(path, offset, machine.devices)
         marks["loaded"] = time.monotonic_ns()
+        fault.point("loaded")
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
         machine.attach_migration(run_state)
@@ -158,10 +160,13 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
     target = TransferTarget(cpr, None if defer else main)
     machine: Machine | None = None
     try:
+        fault.point("cpr-accept")
         machine = _adopt(cfg, target.receive_ram())
+        fault.point("ram-received")
         target.ram_ready()
         target.receive_devices(machine.cpr)
         machine.timeline["devices-received"] = time.monotonic_ns()
+        fault.point("fds-received")
         machine.create_devices()
         if defer:
             machine.attach_migration(
@@ -170,8 +175,9 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
             return machine
         run_state = target.load(None, machine.devices)
         machine.timeline["loaded"] = time.monotonic_ns()
+        fault.point("loaded")
+        target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
         machine.resume_loaded(run_state)
-        target.confirm()
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:

@@ -23,6 +23,8 @@ import time
 from cprfast import _core
 from cprfast.cpr_state import CprState
 from cprfast.devices import DeviceRegistry
+from cprfast.errors import CprError
+from cprfast.vmm import fault
 from cprfast.vmm.devices import Console, Doorbell
 from cprfast.vmm.guest import HOT_START, Guest, resolve_kind
 
@@ -57,9 +59,11 @@ class Machine:
     """One VM: guest RAM, a KVM or threads guest, two devices, migration and QMP.
 
     ``cpr`` is an incoming CPR state (it must hold ``pc.ram`` of ``ram_size``
-    bytes, which is adopted); without one, RAM is created and recorded in a new
-    CPR state for the next live update. The machine owns ``cpr``. ``vcpu_cpus``
-    pins the guest's thread.
+    bytes, which is adopted, and the console's pipe); without one, RAM is
+    created and recorded in a new CPR state for the next live update. An
+    incoming state without them is refused: a blank guest must never start in
+    place of the live one. The machine owns ``cpr``. ``vcpu_cpus`` pins the
+    guest's thread.
     """
 
     def __init__(
@@ -72,9 +76,12 @@ class Machine:
         vcpu_cpus: tuple[int, ...] | None = None,
     ) -> None:
         self.cpr = cpr if cpr is not None else CprState()
+        self.incoming = cpr is not None
         self.ram_keys = frozenset({(RAM_NAME, 0)})
         hot_size = min(hot_size, ram_size - HOT_START)
         fd = self.cpr.find_fd(RAM_NAME, 0)
+        if fd is None and self.incoming:
+            raise CprError(f"the incoming CPR state has no guest RAM ({RAM_NAME!r}, id 0): refusing to start a blank guest")
         if fd is None:
             self.region = _core.Region.create(RAM_NAME, ram_size)
             self.cpr.save_fd(RAM_NAME, 0, self.region.fileno())
@@ -101,7 +108,7 @@ class Machine:
     def create_devices(self) -> None:
         """Create the devices, adopting their fds from the CPR state when it holds them."""
         self.devices.register(Doorbell.NAME, self.doorbell, version=Doorbell.VERSION)
-        self.console = Console(self.cpr)
+        self.console = Console(self.cpr, adopt=self.incoming)
 
     def attach_migration(
         self,
@@ -165,6 +172,7 @@ class Machine:
 
     def vm_stop(self, state: RunState) -> None:
         """Pause the guest; remember its heartbeat (the last value this process let it write)."""
+        fault.point("vm-stop")
         self.guest.pause()
         self.timeline["stopped"] = time.monotonic_ns()
         self.heartbeat_at_stop = self.guest.heartbeat
@@ -172,6 +180,8 @@ class Machine:
     def vm_start(self, state: RunState) -> None:
         """Resume the guest (a suspended guest has no vCPU work here: it stays paused)."""
         if state == "running":
+            if self.migration is not None and self.migration.run_state == "inmigrate":
+                fault.point("loaded")
             self.heartbeat_at_start = self.guest.heartbeat
             self.guest.resume()
             self.timeline["resumed"] = time.monotonic_ns()
