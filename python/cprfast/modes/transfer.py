@@ -201,6 +201,25 @@ class TransferDriver:
             self._out.shutdown()
 
 
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of a UNIX socket's peer at connect time (None if not a UNIX socket)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    pid = int.from_bytes(creds[:4], "little")
+    return pid or None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not: it will never resume a guest)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
 class TransferTarget:
     """The target of a cpr-transfer, from start-up until the guest runs.
 
@@ -288,6 +307,10 @@ class TransferTarget:
             try:
                 conn.send(ACK_RUNNING, socket.MSG_NOSIGNAL)
             except OSError as e:
+                pid = _peer_pid(conn)
+                if pid is not None and not _process_alive(pid):
+                    log.warning("cpr-transfer: the source (pid %d) died after the hand-over; the guest runs here", pid)
+                    return
                 raise MigrationError(
                     f"cpr-transfer: the source gave up before the guest resumed here ({e.strerror})"
                 ) from e

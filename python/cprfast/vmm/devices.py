@@ -85,9 +85,10 @@ class Doorbell:
 
     def notifier(self, event: object, mode: object) -> str | None:
         """Migration notifier: refuse PRECOPY_SETUP while a ring is held."""
-        if getattr(event, "name", None) == "PRECOPY_SETUP" and self.hold is not None:
-            return f"doorbell: {self.hold}"
-        return None
+        if getattr(event, "name", None) != "PRECOPY_SETUP":
+            return None
+        fault.point("setup")
+        return f"doorbell: {self.hold}" if self.hold is not None else None
 
     def query(self) -> dict[str, object]:
         """What ``x-query-guest`` shows of it."""

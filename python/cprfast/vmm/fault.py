@@ -10,7 +10,8 @@ racing a timer:
   the rest of the VMM (QMP above all) keeps serving: a test cancels a migration
   in exactly the status it is held in, then releases it.
 
-Every action first writes ``cprfast-vmm: fault PHASE:ACTION`` to stderr (the
+The variable is read at each point, so QMP ``x-fault`` (``{"spec": "PHASE:ACTION"}``,
+``""`` to clear) changes it in a running VMM. Every action first writes ``cprfast-vmm: fault PHASE:ACTION`` to stderr (the
 test waits for that line). The phases are in :data:`PHASES`. Without the
 variable :func:`point` is one dictionary look-up; the module imports nothing
 else, since a cpr-exec successor reaches phases before its guest resumes.
@@ -22,6 +23,7 @@ import os
 
 FAULT_ENV = "CPRFAST_VMM_FAULT"
 PHASES = (
+    "setup",  # any source: PRECOPY_SETUP notifiers (status setup, in the migrate command)
     "cpr-accept",  # cpr-transfer target: before it accepts the cpr channel
     "ram-received",  # cpr-transfer target: guest-RAM fds received and adopted
     "fds-received",  # cpr-transfer target: device fds received
@@ -54,6 +56,23 @@ def arm() -> None:
         import signal
 
         signal.signal(signal.SIGUSR1, lambda signum, frame: _released.__setitem__(0, True))
+
+
+def inject(spec: str) -> None:
+    """QMP ``x-fault``: set (or with ``""`` clear) the fault of this process from now on."""
+    if not spec:
+        os.environ.pop(FAULT_ENV, None)
+        return
+    old = os.environ.get(FAULT_ENV)
+    os.environ[FAULT_ENV] = spec
+    try:
+        arm()
+    except ValueError:
+        if old is None:
+            os.environ.pop(FAULT_ENV, None)
+        else:
+            os.environ[FAULT_ENV] = old
+        raise
 
 
 def point(phase: str) -> None:

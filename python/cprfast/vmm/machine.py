@@ -165,6 +165,7 @@ class Machine:
         server.register_command("x-doorbell", self._qmp_doorbell, blocking=False)
         server.register_command("x-console-read", self._qmp_console_read, blocking=False)
         server.register_command("x-console-write", self._qmp_console_write, blocking=False)
+        server.register_command("x-fault", self._qmp_fault, blocking=False)
         self.qmp = server
         return server
 
@@ -241,6 +242,14 @@ class Machine:
         check_args(args, required=("data",))
         assert self.console is not None
         return {"written": self.console.write(str(args["data"]).encode())}
+
+    def _qmp_fault(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``x-fault``: inject a fault at a phase (see :mod:`cprfast.vmm.fault`); runs in the main thread."""
+        from cprfast.qmp import check_args
+
+        check_args(args, required=("spec",))
+        fault.inject(str(args["spec"]))  # a bad spec is a ValueError: an error reply
+        return {}
 
     # ------------------------------------------------------------------ teardown
 
