@@ -129,26 +129,6 @@ def _still_running(vm: Vmm, fds: list[str]) -> dict[str, Any]:
     return info
 
 
-def test_exec_missing_binary(tmp_path: Path) -> None:
-    """execvp fails: failed, fds close-on-exec again, the guest resumed, the error in query-migrate."""
-    with vmms() as procs:
-        vm = boot(tmp_path, "threads", procs)
-        pid = vm.pid
-        before = prepare(vm, ["/nonexistent/cprfast-vmm", "-incoming", "defer"])
-        vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")
-        info = _still_running(vm, before["fds"])
-        assert info["error-desc"] == "execvp /nonexistent/cprfast-vmm failed: No such file or directory"
-        assert vm.pid == pid and vm.guest()["pid"] == pid
-        for fd in (before["console"]["read-fd"], before["console"]["write-fd"]):
-            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
-            assert flags & O_CLOEXEC
-        # and a second, good attempt still works
-        vm.cmd("migrate-set-parameters", **{"cpr-exec-command": successor_argv(vm, "threads", f"file:{tmp_path / 'vm2'}")})
-        migrate_exec(vm, f"file:{tmp_path / 'vm2'}")
-        wait_until(lambda: vm.status() == "running", what="successor running")
-        assert vm.guest()["doorbell"]["log"] == ["before-exec"]
-
-
 def test_exec_unwritable_main_file(tmp_path: Path) -> None:
     with vmms() as procs:
         vm = boot(tmp_path, "threads", procs)
@@ -156,26 +136,6 @@ def test_exec_unwritable_main_file(tmp_path: Path) -> None:
         vm.cmd("migrate", uri="file:/nonexistent-dir/vm.state")
         info = _still_running(vm, before["fds"])
         assert "cannot write the main channel" in info["error-desc"]
-
-
-def test_exec_disk_full(tmp_path: Path) -> None:
-    with vmms() as procs:
-        vm = boot(tmp_path, "threads", procs)
-        before = prepare(vm, successor_argv(vm, "threads", "defer"))
-        vm.cmd("migrate", uri="file:/dev/full")
-        info = _still_running(vm, before["fds"])
-        assert "cannot write the main channel" in info["error-desc"]
-
-
-def test_exec_notifier_veto(tmp_path: Path) -> None:
-    with vmms() as procs:
-        vm = boot(tmp_path, "threads", procs)
-        before = prepare(vm, successor_argv(vm, "threads", "defer"))
-        vm.cmd("x-doorbell", hold="busy")
-        reply = vm.raw("migrate", uri=f"file:{tmp_path / 'vm.state'}")
-        assert reply["error"]["desc"] == "doorbell: busy"
-        info = _still_running(vm, before["fds"])
-        assert info["error-desc"] == "doorbell: busy"
 
 
 def test_exec_pause_measurements(tmp_path: Path) -> None:
