@@ -303,3 +303,46 @@ def test_cancel_races_with_completion() -> None:
             assert ms.run_state is RunState.RUNNING and log.events[-1] is E.PRECOPY_FAILED
         else:
             assert ms.run_state is RunState.POSTMIGRATE and log.events[-1] is E.PRECOPY_DONE
+
+
+class CommittingDriver:
+    """Commits (the target has the guest) once ``go`` is set, then waits for ``done``."""
+
+    def __init__(self) -> None:
+        self.go, self.committed, self.done = threading.Event(), threading.Event(), threading.Event()
+
+    def run(self, ctx: Any) -> None:
+        assert self.go.wait(10)
+        ctx.commit()
+        self.committed.set()
+        assert self.done.wait(10)
+
+
+def test_cancel_after_commit_is_refused() -> None:
+    """Once the target has the guest, a cancel must not resume it here as well."""
+    driver = CommittingDriver()
+    ms, hooks, log, statuses = make(MigMode.CPR_TRANSFER, driver)
+    ms.migrate(**URI[MigMode.CPR_TRANSFER])
+    driver.go.set()
+    assert driver.committed.wait(10)
+    with pytest.raises(MigrationError, match="switched over"):
+        ms.cancel()
+    driver.done.set()
+    assert ms.wait(10)
+    assert statuses[-1] is S.COMPLETED and ms.run_state is RunState.POSTMIGRATE
+    assert hooks.calls == [("stop", RunState.FINISH_MIGRATE)]  # never resumed here
+
+
+def test_cancel_that_crossed_the_commit_completes() -> None:
+    """A cancel issued before the driver learnt the target took over: completed, not resumed."""
+    driver = CommittingDriver()
+    ms, hooks, log, statuses = make(MigMode.CPR_TRANSFER, driver)
+    ms.migrate(**URI[MigMode.CPR_TRANSFER])
+    ms.cancel()
+    assert ms.status.status is S.CANCELLING
+    driver.go.set()
+    driver.done.set()
+    assert ms.wait(10)
+    assert statuses[-2:] == [S.CANCELLING, S.COMPLETED]
+    assert ms.run_state is RunState.POSTMIGRATE and log.events[-1] is E.PRECOPY_DONE
+    assert hooks.calls == [("stop", RunState.FINISH_MIGRATE)]
