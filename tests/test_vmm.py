@@ -144,3 +144,19 @@ def test_no_fd_leak_over_stop_cont(tmp_path: Path) -> None:
             vm.cmd("stop")
             vm.cmd("cont")
         assert fd_targets(vm.pid) == before
+
+
+def test_incoming_state_without_ram_or_console_is_refused() -> None:
+    """A target must not start a blank guest (or an empty console) in place of the live one."""
+    from cprfast import _core
+    from cprfast.cpr_state import CprState
+    from cprfast.errors import CprError
+    from cprfast.vmm.devices import Console
+
+    with CprState() as state, pytest.raises(CprError, match="no guest RAM"):
+        Machine(4 << 20, guest="threads", cpr=state)
+    with CprState() as state, _core.Region.create(RAM_NAME, 4 << 20) as ram:
+        state.save_fd(RAM_NAME, 0, ram.fileno())
+        with pytest.raises(CprError, match="no console pipe"):
+            Console(state, adopt=True)
+        assert Console(state).read() == b""  # a fresh machine makes its own pipe
