@@ -11,10 +11,10 @@ not by timers. After every cell the surviving side is checked:
 - no fd and no mapping leaked (``/proc/PID/fd`` and the non-library mappings of
   ``/proc/PID/maps`` as before the cell).
 
-One booted source per mode (and guest kind) is reused across its cells, so each
-cell's migration starts from the state the previous fault left: the next
-migration from that state is the next cell, and each mode ends with a
-migration that succeeds.
+One booted guest per kind is reused across all cells, so each cell's migration
+starts from the state the previous fault left (the next migration from that
+state is the next cell), and each mode ends with a migration that succeeds,
+whose target is the source of the next mode's cells.
 
 Not cells, and why: killing a cpr-exec successor (it *is* the source process:
 there is no second side, as in QEMU); cancelling in a status a mode only passes
@@ -312,13 +312,27 @@ KVM_TRANSFER_CELLS = ["kill-during-device-load", "cancel-in-device", "kill-after
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def transfer_source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    src = Source(tmp_path_factory.mktemp(f"transfer-{request.param}"), request.param)
-    src.vm.cmd("migrate-set-parameters", mode="cpr-transfer")
+def source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
+    """One guest per kind for the whole matrix: each mode's cells, then its successful
+    migration, whose target is the source of the next mode's cells."""
+    src = Source(tmp_path_factory.mktemp(f"matrix-{request.param}"), request.param)
     try:
         yield src
     finally:
         src.close()
+
+
+def threads_only(src: Source) -> None:
+    if src.guest_kind != "threads":
+        pytest.skip("threads guest only: the mode has no KVM-specific path")
+
+
+def moved_to(src: Source, dst: Vmm) -> None:
+    """The guest now lives in ``dst``: it becomes the source, the old process goes."""
+    old = src.vm
+    src.others.remove(dst)
+    src.vm = dst
+    old.quit()
 
 
 def transfer_target(src: Source, fault: str | None, *, defer: bool = False) -> tuple[Vmm, Path, Path]:
@@ -339,11 +353,12 @@ def transfer_channels(main: Path, cpr: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("cell", TRANSFER_CELLS)
-def test_cpr_transfer(transfer_source: Source, cell: str) -> None:
-    src = transfer_source
+def test_cpr_transfer(source: Source, cell: str) -> None:
+    src = source
     if src.guest_kind == "kvm" and cell not in KVM_TRANSFER_CELLS:
         pytest.skip("the KVM guest runs a subset: the other cells exercise no KVM-specific path")
     vm = src.vm
+    vm.cmd("migrate-set-parameters", mode="cpr-transfer")
     fault = {
         "kill-before-cpr-connect": "cpr-accept:kill",
         "kill-after-ram-fds": "ram-received:kill",
@@ -433,9 +448,9 @@ def test_cpr_transfer(transfer_source: Source, cell: str) -> None:
     guest_stays_put(dst, vm, shared=True)
 
 
-def test_cpr_transfer_then_succeeds(transfer_source: Source) -> None:
+def test_cpr_transfer_then_succeeds(source: Source) -> None:
     """After every fault above, a migration from that state succeeds."""
-    src = transfer_source
+    src = source
     before = src.snapshot()
     dst, main_path, cpr_path = transfer_target(src, None)
     src.vm.cmd("migrate", channels=transfer_channels(main_path, cpr_path))
@@ -446,6 +461,7 @@ def test_cpr_transfer_then_succeeds(transfer_source: Source) -> None:
         np.testing.assert_array_equal(cold_checksums(ram, HOT), src.cold)
     guest_stays_put(src.vm, dst, shared=True)
     assert fd_targets(src.vm.pid) == before[0]
+    moved_to(src, dst)
 
 
 # --------------------------------------------------------------------------- disk full
@@ -517,15 +533,6 @@ NORMAL_CELLS = [
 KVM_NORMAL_CELLS = ["kill-target-mid-stream", "cancel-in-active", "cancel-in-device"]
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def normal_source(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    src = Source(tmp_path_factory.mktemp(f"normal-{request.param}"), request.param)
-    try:
-        yield src
-    finally:
-        src.close()
-
-
 def normal_target(src: Source, fault: str | None = None) -> tuple[Vmm, Path]:
     path = src.path("main.sock")
     dst = src.target("dst", f"unix:{path}", fault=fault)
@@ -543,11 +550,12 @@ def converges(vm: Vmm) -> None:
 
 
 @pytest.mark.parametrize("cell", NORMAL_CELLS)
-def test_normal(normal_source: Source, cell: str, full_disk: Path) -> None:
-    src = normal_source
+def test_normal(source: Source, cell: str, full_disk: Path) -> None:
+    src = source
     if src.guest_kind == "kvm" and cell not in KVM_NORMAL_CELLS:
         pytest.skip("the KVM guest runs a subset: the other cells exercise no KVM-specific path")
     vm = src.vm
+    vm.cmd("migrate-set-parameters", mode="normal")
     before = src.snapshot()
     dst: Vmm | None = None
     if cell == "no-target":
@@ -618,8 +626,9 @@ def test_normal(normal_source: Source, cell: str, full_disk: Path) -> None:
         dst.kill()
 
 
-def test_normal_then_succeeds(normal_source: Source) -> None:
-    src = normal_source
+def test_normal_then_succeeds(source: Source) -> None:
+    src = source
+    src.vm.cmd("migrate-set-parameters", mode="normal")
     dst, path = normal_target(src)
     src.vm.cmd("migrate", uri=f"unix:{path}")
     assert src.vm.wait_migration("completed", "failed")["status"] == "completed"
@@ -628,6 +637,7 @@ def test_normal_then_succeeds(normal_source: Source) -> None:
     with ram_of(dst) as ram:
         np.testing.assert_array_equal(cold_checksums(ram, HOT), src.cold)
     guest_stays_put(src.vm, dst)
+    moved_to(src, dst)
 
 
 # --------------------------------------------------------------------------- cpr-exec
@@ -636,23 +646,15 @@ def test_normal_then_succeeds(normal_source: Source) -> None:
 EXEC_CELLS = ["exec-fails", "notifier-veto", "cancel-in-setup", "disk-full"]
 
 
-@pytest.fixture(scope="module")
-def exec_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    src = Source(tmp_path_factory.mktemp("exec"), "threads")
-    try:
-        yield src
-    finally:
-        src.close()
-
-
 def successor(src: Source, incoming: str) -> list[str]:
     return [PYTHON, "-m", "cprfast.vmm", "-m", MEM, "--hot", "8M", "--guest", src.guest_kind,
             "-qmp", f"unix:{src.vm.qmp_path},server=on,wait=off", "-incoming", incoming]
 
 
 @pytest.mark.parametrize("cell", EXEC_CELLS)
-def test_cpr_exec(exec_source: Source, cell: str, full_disk: Path) -> None:
-    src = exec_source
+def test_cpr_exec(source: Source, cell: str, full_disk: Path) -> None:
+    src = source
+    threads_only(src)
     vm = src.vm
     main = src.path("vm.state")
     command = ["/nonexistent/cprfast-vmm"] if cell == "exec-fails" else successor(src, f"file:{main}")
@@ -678,8 +680,9 @@ def test_cpr_exec(exec_source: Source, cell: str, full_disk: Path) -> None:
     assert vm.guest()["pid"] == vm.pid  # never exec'd
 
 
-def test_cpr_exec_then_succeeds(exec_source: Source) -> None:
-    src = exec_source
+def test_cpr_exec_then_succeeds(source: Source) -> None:
+    src = source
+    threads_only(src)
     vm = src.vm
     main = src.path("vm.state")
     vm.cmd("migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": successor(src, f"file:{main}")})
@@ -702,19 +705,11 @@ REBOOT_PIECES = ["ram-pointer", "ram-page", "doorbell"]
 end marker are corrupted one by one in the cpr-transfer cells: the same reader)."""
 
 
-@pytest.fixture(scope="module")
-def reboot_source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    src = Source(tmp_path_factory.mktemp("reboot"), "threads")
-    src.vm.cmd("migrate-set-parameters", mode="cpr-reboot")
-    try:
-        yield src
-    finally:
-        src.close()
-
-
 @pytest.mark.parametrize("cell", REBOOT_CELLS)
-def test_cpr_reboot(reboot_source: Source, cell: str, full_disk: Path) -> None:
-    src = reboot_source
+def test_cpr_reboot(source: Source, cell: str, full_disk: Path) -> None:
+    src = source
+    threads_only(src)
+    src.vm.cmd("migrate-set-parameters", mode="cpr-reboot")
     save = f"file:{src.path('vm.sav')}"
     before = src.snapshot()
     if cell == "notifier-veto":
@@ -731,9 +726,11 @@ def test_cpr_reboot(reboot_source: Source, cell: str, full_disk: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reboot_saved(reboot_source: Source) -> tuple[Source, Path]:
+def reboot_saved(source: Source) -> tuple[Source, Path]:
     """The source saved (after every cell above) and gone, as before a host reboot."""
-    src = reboot_source
+    src = source
+    threads_only(src)
+    src.vm.cmd("migrate-set-parameters", mode="cpr-reboot")
     path = src.path("good.sav")
     src.vm.cmd("migrate", uri=f"file:{path}")
     assert src.vm.wait_migration("completed", "failed")["status"] == "completed"
@@ -785,3 +782,5 @@ def test_cpr_reboot_then_succeeds(reboot_saved: tuple[Source, Path]) -> None:
     dst.wait_heartbeat_moves()
     with ram_of(dst) as ram:
         np.testing.assert_array_equal(cold_checksums(ram, HOT), src.cold)
+    src.others.remove(dst)
+    src.vm = dst
