@@ -48,6 +48,7 @@ import numpy.typing as npt
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from cprfast import _core
+from cprfast.realtime import check_priority
 from cprfast.vmm.guest import HEARTBEAT, HOT_START
 
 MODES = ("cpr-transfer", "cpr-exec", "cpr-reboot", "normal")
@@ -66,6 +67,8 @@ OBSERVER_INTERVAL_NS = 50_000
 """The observer sleeps this long between samples: it must not take a CPU from the guest."""
 OBSERVER_PRIORITY = 1
 """SCHED_FIFO priority of the observer's sampler, so it wakes on time next to a busy VMM."""
+SWITCHOVER_PRIORITY = 1
+"""The VMMs' ``--switchover-priority`` (where we may use SCHED_FIFO): see :mod:`cprfast.realtime`."""
 _CHUNK = 64 << 20
 _WEIGHTS = np.random.default_rng(0x5EED).integers(1, 1 << 63, PAGE // 8, dtype=np.uint64) | np.uint64(1)
 
@@ -369,6 +372,7 @@ class LiveGuest:
         progress: Progress = _quiet,
         *,
         pin: bool = True,
+        realtime: bool = True,
     ) -> None:
         self.mem, self.hot, self.guest_kind = mem, hot, guest
         self.progress = progress
@@ -376,6 +380,8 @@ class LiveGuest:
         self.vcpu_cpus = pin_vcpu() if pin else None
         self.observer_priority: int | None = OBSERVER_PRIORITY
         """SCHED_FIFO priority of the observer's sampler; None once the kernel refused it."""
+        self.switchover_priority = SWITCHOVER_PRIORITY if realtime and _may_realtime(SWITCHOVER_PRIORITY) else None
+        """The VMMs' ``--switchover-priority``; None with ``realtime=False`` or without CAP_SYS_NICE."""
         self._generation = 0
         self._vmms: list[Vmm] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="cprfast-demo-"))
@@ -404,6 +410,8 @@ class LiveGuest:
 
     def _args(self) -> list[str]:
         pin = ["--vcpu-cpus", ",".join(map(str, self.vcpu_cpus))] if self.vcpu_cpus else []
+        if self.switchover_priority is not None:
+            pin += ["--switchover-priority", str(self.switchover_priority)]
         return ["-m", f"{self.mem >> 20}M", "--hot", f"{self.hot >> 20}M", "--guest", self.guest_kind, *pin]
 
     def observer(self, path: str) -> _core.Observer:
@@ -436,6 +444,11 @@ class LiveGuest:
             f"longest stall with no update over {BASELINE_S:g} s: {self.baseline_ms:.3f} ms; "
             + (f"vCPU pinned to CPU {self.vcpu_cpus}" if self.vcpu_cpus else "vCPU not pinned")
             + ("" if self.observer_priority else "; observer at normal priority (SCHED_FIFO refused)")
+            + (
+                f"; switchover at SCHED_FIFO {self.switchover_priority}"
+                if self.switchover_priority
+                else "; switchover at normal priority"
+            )
         )
 
     def update(self, mode: str) -> StepResult:
@@ -618,6 +631,14 @@ def start_observer(path: str, cpus: tuple[int, ...] | None = None) -> tuple[_cor
         observer.start(None, cpus)
         return observer, False
     return observer, True
+
+
+def _may_realtime(priority: int) -> bool:
+    try:
+        check_priority(priority)
+    except PermissionError:
+        return False
+    return True
 
 
 def pin_vcpu() -> tuple[int, ...] | None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from cprfast.errors import MigrationError
 from cprfast.notifiers import Dispatch, Notifiers
 from cprfast.policy import Blockers, MigrationCapabilities, MigrationParameters, check_channels, check_prepare
+from cprfast.realtime import realtime
 from cprfast.status import MigMode, MigrationStatus, RunState, StatusCell
 
 if TYPE_CHECKING:
@@ -252,6 +253,10 @@ class MigrationState:
         self._incoming_mode = incoming_mode
         self._autostart = True
         self._handed_over = False
+        self.switchover_priority: int | None = None
+        """SCHED_FIFO priority for the thread that stops the guest and hands it over in a CPR
+        mode (:mod:`cprfast.realtime`); None: it keeps its own. Set by the VMM, checked early
+        with :func:`cprfast.realtime.check_priority`."""
         self._drivers: dict[MigMode, ModeDriver] = {}
         self._incoming_drivers: dict[MigMode, IncomingDriver] = {}
         self._ctx: MigrationContext | None = None
@@ -403,12 +408,13 @@ class MigrationState:
             prepare = getattr(driver, "prepare", None)
             if prepare is not None:
                 prepare(ctx)
-            if mode.is_cpr:
-                self._stop_vm_for_migration()
-            dispatch.setup()
-            handover = getattr(driver, "handover", None)
-            if handover is not None:
-                handover(ctx)
+            with realtime(self.switchover_priority if mode.is_cpr else None):
+                if mode.is_cpr:
+                    self._stop_vm_for_migration()
+                dispatch.setup()
+                handover = getattr(driver, "handover", None)
+                if handover is not None:
+                    handover(ctx)
         except BaseException as e:
             self._unwind(ctx, dispatch, e)
             raise

@@ -60,9 +60,13 @@ def launch(cfg: Config, started_ns: int | None = None) -> Machine:
 
     ``started_ns`` (CLOCK_MONOTONIC) is when the program began: the ``main`` mark of a successor.
     """
-    if EXEC_STATE_ENV in os.environ:
+    if EXEC_STATE_ENV in os.environ:  # (its predecessor checked the switchover priority)
         machine = _exec_successor(cfg, started_ns if started_ns is not None else time.monotonic_ns())
     else:
+        if cfg.switchover_priority is not None:
+            from cprfast.realtime import check_priority
+
+            check_priority(cfg.switchover_priority)
         defer, main, cpr = _channels(cfg.incoming)
         if cpr is not None:
             machine = _transfer_target(cfg, defer, main, cpr)
@@ -80,6 +84,8 @@ def launch(cfg: Config, started_ns: int | None = None) -> Machine:
             except BaseException:
                 machine.close()
                 raise
+    if machine.migration is not None:
+        machine.migration.switchover_priority = cfg.switchover_priority
     if cfg.qmp is not None:
         machine.serve_qmp(cfg.qmp)
     return machine
@@ -152,6 +158,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
 def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cpr: MigrationAddress) -> Machine:
     """cpr-transfer: RAM first (while the source runs), then device fds, then device state."""
     from cprfast.modes.transfer import TransferTarget
+    from cprfast.realtime import realtime
 
     if not defer and main is None:
         raise MigrationError("a cpr channel needs a main channel or -incoming defer")
@@ -160,17 +167,18 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
     try:
         machine = _adopt(cfg, target.receive_ram())
         target.ram_ready()
-        target.receive_devices(machine.cpr)
-        machine.timeline["devices-received"] = time.monotonic_ns()
-        machine.create_devices()
-        if defer:
-            machine.attach_migration(
-                "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
-            )
-            return machine
-        run_state = target.load(None, machine.devices)
-        machine.timeline["loaded"] = time.monotonic_ns()
-        machine.resume_loaded(run_state)
+        with realtime(None if defer else cfg.switchover_priority):  # from the source's stop to our resume
+            target.receive_devices(machine.cpr)
+            machine.timeline["devices-received"] = time.monotonic_ns()
+            machine.create_devices()
+            if defer:
+                machine.attach_migration(
+                    "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
+                )
+                return machine
+            run_state = target.load(None, machine.devices)
+            machine.timeline["loaded"] = time.monotonic_ns()
+            machine.resume_loaded(run_state)
         target.confirm()
         machine.attach_migration(run_state)
         machine.incoming_done()
