@@ -15,7 +15,7 @@ What each step reports, measured here and not taken from the VMM's word:
   passed the source's (only a running target guest can do that).
 - **memory identical**: a fingerprint of every page the guest does not write
   (all but the heartbeat page and the hot set) matches the one taken at boot,
-  after the demo seeded every 64th of those pages with data; plus heartbeat
+  after the demo seeded one in 64 of those pages with data; plus heartbeat
   continuity (it never went backwards, and the target resumed from the value
   the source stopped at).
 - **same fd**: the console pipe, a preserved device fd, is the same kernel
@@ -57,7 +57,11 @@ CPR_MODES = frozenset({"cpr-transfer", "cpr-exec"})
 """The modes that keep guest RAM and device fds in place."""
 PAGE = 4096
 SEED_STRIDE = 64
-"""The demo writes data into every SEED_STRIDE-th page the guest leaves alone."""
+"""The demo writes data into one in SEED_STRIDE of the pages the guest leaves alone ..."""
+SEED_RUN = 64
+"""... in runs of SEED_RUN pages: a mapped-ram save (cpr-reboot) keeps every page at its own
+offset, and deleting a file of scattered 4 KiB extents costs a discard each on a disk mounted
+with ``discard`` (3 minutes for 16 GiB of RAM here, against 3 s in 256 KiB runs)."""
 TIMEOUT = 120.0
 NORMAL_BANDWIDTH = 8 << 30
 """``max-bandwidth`` for normal migration (bytes/s): a local UNIX socket, not a shared link."""
@@ -259,15 +263,17 @@ def fingerprint(path: str, size: int, hot: int) -> npt.NDArray[np.uint64]:
 
 
 def seed(path: str, size: int, hot: int) -> None:
-    """Write a distinct pattern into every :data:`SEED_STRIDE`-th page after the hot set."""
-    pool = np.random.default_rng(7).integers(0, 256, 16 * PAGE, dtype=np.uint8)
+    """Write distinct data into one page in :data:`SEED_STRIDE` after the hot set, in runs of
+    :data:`SEED_RUN` pages (each page starts with its own number)."""
+    pool = np.random.default_rng(7).integers(0, 256, SEED_RUN * PAGE, dtype=np.uint8)
+    words = pool.view(np.uint64).reshape(SEED_RUN, PAGE // 8)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        first = -(-(HOT_START + hot) // PAGE)
-        for page in range(first, size // PAGE, SEED_STRIDE):
-            data = bytearray(pool[(page % 16) * PAGE : (page % 16 + 1) * PAGE].tobytes())
-            data[:8] = page.to_bytes(8, "little")
-            os.pwrite(fd, data, page * PAGE)
+        first, last = -(-(HOT_START + hot) // PAGE), size // PAGE
+        for page in range(first, last, SEED_STRIDE * SEED_RUN):
+            n = min(SEED_RUN, last - page)
+            words[:, 0] = np.arange(page, page + SEED_RUN, dtype=np.uint64)
+            os.pwrite(fd, pool[: n * PAGE].data, page * PAGE)
     finally:
         os.close(fd)
 
