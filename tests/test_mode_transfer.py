@@ -21,6 +21,7 @@ from _vmm import (
     channels,
     cold_checksums,
     fd_count,
+    fifo_threads,
     fill_cold,
     guest_kinds,
     listening_socket,
@@ -121,16 +122,6 @@ def test_transfer_end_to_end(tmp_path: Path, guest: str) -> None:
         assert dst.proc.returncode == 0
 
 
-def _fifo_threads(pid: int) -> list[str]:
-    """Names of ``pid``'s threads running at SCHED_FIFO now."""
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            if os.sched_getscheduler(int(tid)) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO:
-                names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
-    return names
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
 def test_transfer_at_switchover_priority(tmp_path: Path) -> None:
     """--switchover-priority on both sides: the update completes, and no thread stays at SCHED_FIFO after it."""
@@ -142,7 +133,7 @@ def test_transfer_at_switchover_priority(tmp_path: Path) -> None:
         src.cmd("migrate", channels=channels(tmp_path / "main.sock", tmp_path / "cpr.sock"))
         assert src.wait_migration("completed", "failed")["status"] == "completed"
         check_switchover(src, dst, before)
-        assert _fifo_threads(src.pid) == [] and _fifo_threads(dst.pid) == []
+        assert fifo_threads(src.pid) == [] and fifo_threads(dst.pid) == []
 
 
 def test_transfer_defer_and_unix_path(tmp_path: Path) -> None:

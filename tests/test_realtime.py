@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cprfast.realtime import check_priority, realtime
+from cprfast.realtime import check_priority, end_inherited, realtime
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_SYS_NICE) to grant and drop SCHED_FIFO")
 
@@ -66,3 +66,19 @@ def test_without_the_capability_a_clear_permission_error() -> None:
     os.waitpid(pid, 0)
     assert msg.startswith(f"{errno.EPERM} "), msg
     assert "CAP_SYS_NICE" in msg and f"policy={os.SCHED_OTHER}" in msg
+
+
+def test_end_inherited_ends_only_what_realtime_set() -> None:
+    """A cpr-exec successor's call: ends SCHED_FIFO|RESET_ON_FORK (ours), keeps a plain SCHED_FIFO (someone else's)."""
+    results: list[tuple[bool, int]] = []
+
+    def worker(flags: int) -> None:
+        os.sched_setscheduler(0, os.SCHED_FIFO | flags, os.sched_param(1))
+        results.append((end_inherited(), os.sched_getscheduler(0)))
+
+    for flags in (os.SCHED_RESET_ON_FORK, 0):
+        t = threading.Thread(target=worker, args=(flags,))
+        t.start()
+        t.join()
+    assert results == [(True, os.SCHED_OTHER), (False, os.SCHED_FIFO)]
+    assert end_inherited() is False  # this thread runs normally

@@ -168,6 +168,7 @@ class MigrationContext:
         self.params = owner.parameters
         self.caps = owner.capabilities
         self.ram = RamCounters()
+        self.switchover_priority = owner.switchover_priority
         self.cleanup = contextlib.ExitStack()
         self.cancelled = threading.Event()
         self._timing = timing
@@ -212,6 +213,7 @@ class IncomingContext:
         self.params = owner.parameters
         self.caps = owner.capabilities
         self.ram = RamCounters()
+        self.switchover_priority = owner.switchover_priority
         self.cleanup = contextlib.ExitStack()
 
     def activate(self) -> None:
@@ -254,9 +256,10 @@ class MigrationState:
         self._autostart = True
         self._handed_over = False
         self.switchover_priority: int | None = None
-        """SCHED_FIFO priority for the thread that stops the guest and hands it over in a CPR
-        mode (:mod:`cprfast.realtime`); None: it keeps its own. Set by the VMM, checked early
-        with :func:`cprfast.realtime.check_priority`."""
+        """SCHED_FIFO priority for the threads that stop the guest and hand it over in a CPR
+        mode (:mod:`cprfast.realtime`): ``migrate``'s own from the stop to the end of the
+        hand-over, and a cpr-exec worker until it exec's; None: they keep their own. Set by
+        the VMM, checked early with :func:`cprfast.realtime.check_priority`."""
         self._drivers: dict[MigMode, ModeDriver] = {}
         self._incoming_drivers: dict[MigMode, IncomingDriver] = {}
         self._ctx: MigrationContext | None = None

@@ -26,6 +26,7 @@ import time
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
+from cprfast.realtime import end_inherited
 from cprfast.vmm.cli import Config
 from cprfast.vmm.machine import Machine, carried_timeline
 
@@ -140,6 +141,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
     try:
         machine.create_devices()
         if path is None:
+            end_inherited()
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
             return machine
@@ -147,6 +149,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         marks["loaded"] = time.monotonic_ns()
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
+        end_inherited()  # the predecessor's switchover priority, if it had one
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:
