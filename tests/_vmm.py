@@ -52,6 +52,16 @@ def unix_listening(path: str | Path) -> bool:
         return any(len(w) >= 8 and w[-1] == str(path) and w[3] == "00010000" for w in map(str.split, f))
 
 
+def fifo_threads(pid: int) -> list[str]:
+    """Names of ``pid``'s threads running at SCHED_FIFO now."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            if os.sched_getscheduler(int(tid)) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO:
+                names.append(Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip())
+    return names
+
+
 def fd_count(pid: int) -> int:
     """Open fds of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))

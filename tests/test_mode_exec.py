@@ -12,7 +12,18 @@ from typing import Any
 import numpy as np
 import pytest
 from qemu.qmp import ExecInterruptedError
-from _vmm import PYTHON, Vmm, cold_checksums, fd_targets, fill_cold, guest_kinds, ram_of, vmms, wait_until
+from _vmm import (
+    PYTHON,
+    Vmm,
+    cold_checksums,
+    fd_targets,
+    fifo_threads,
+    fill_cold,
+    guest_kinds,
+    ram_of,
+    vmms,
+    wait_until,
+)
 
 from cprfast import _core
 
@@ -127,6 +138,27 @@ def _still_running(vm: Vmm, fds: list[str]) -> dict[str, Any]:
     vm.wait_heartbeat_moves()
     assert fd_targets(vm.pid) == fds
     return info
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+def test_exec_at_switchover_priority(tmp_path: Path) -> None:
+    """--switchover-priority: a failed exec leaves no thread at SCHED_FIFO; a good one's successor
+    inherits the priority and ends it once its guest runs."""
+    prio = ["--switchover-priority", "2"]
+    with vmms() as procs:
+        vm = Vmm(tmp_path, "vm", "-m", MEM, "--hot", "16M", "--guest", "threads", *prio)
+        procs.append(vm)
+        vm.wait_heartbeat_moves()
+        before = prepare(vm, ["/nonexistent/cprfast-vmm", "-incoming", "defer"])
+        vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")
+        _still_running(vm, before["fds"])
+        wait_until(lambda: fifo_threads(vm.pid) == [], what="the failed migration's worker gone")
+        state = tmp_path / "vm2.state"
+        vm.cmd("migrate-set-parameters", **{"cpr-exec-command": [*successor_argv(vm, "threads", f"file:{state}"), *prio]})
+        migrate_exec(vm, f"file:{state}")
+        wait_until(lambda: vm.status() == "running", what="successor running")
+        check_successor(vm, before, vm.pid)
+        assert fifo_threads(vm.pid) == []
 
 
 def test_exec_unwritable_main_file(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from _vmm import (
     channels,
     cold_checksums,
     fd_count,
+    fifo_threads,
     fill_cold,
     guest_kinds,
     listening_socket,
@@ -32,21 +33,23 @@ HOT = 16 << 20
 MEM = "256M"
 
 
-def boot(tmp: Path, guest: str, procs: list[Vmm], mem: str = MEM, name: str = "src") -> Vmm:
-    src = Vmm(tmp, name, "-m", mem, "--hot", "16M", "--guest", guest)
+def boot(tmp: Path, guest: str, procs: list[Vmm], mem: str = MEM, name: str = "src", *extra: str) -> Vmm:
+    src = Vmm(tmp, name, "-m", mem, "--hot", "16M", "--guest", guest, *extra)
     procs.append(src)
     src.wait_heartbeat_moves()
     return src
 
 
-def start_target(tmp: Path, guest: str, procs: list[Vmm], *, defer: bool = False, mem: str = MEM) -> Vmm:
+def start_target(
+    tmp: Path, guest: str, procs: list[Vmm], *, defer: bool = False, mem: str = MEM, extra: tuple[str, ...] = ()
+) -> Vmm:
     """A target listening on a pre-listened cpr socket passed as an fd (QEMU's race-free form)."""
     sock = listening_socket(tmp / "cpr.sock")
     cpr = json.dumps({"channel-type": "cpr", "addr": {"transport": "socket", "type": "fd", "str": str(sock.fileno())}})
     main = "defer" if defer else channel("main", tmp / "main.sock")
     try:
         dst = Vmm(tmp, "dst", "-m", mem, "--hot", "16M", "--guest", guest, "-incoming", main, "-incoming", cpr,
-                  pass_fds=(sock.fileno(),))
+                  *extra, pass_fds=(sock.fileno(),))
     finally:
         sock.close()
     procs.append(dst)
@@ -112,6 +115,20 @@ def test_transfer_end_to_end(tmp_path: Path, guest: str) -> None:
         src.quit()
         dst.quit()
         assert dst.proc.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs CAP_SYS_NICE")
+def test_transfer_at_switchover_priority(tmp_path: Path) -> None:
+    """--switchover-priority on both sides: the update completes, and no thread stays at SCHED_FIFO after it."""
+    prio = ("--switchover-priority", "2")
+    with vmms() as procs:
+        src = boot(tmp_path, "threads", procs, MEM, "src", *prio)
+        dst = start_target(tmp_path, "threads", procs, extra=prio)
+        before = prepare_source(src)
+        src.cmd("migrate", channels=channels(tmp_path / "main.sock", tmp_path / "cpr.sock"))
+        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        check_switchover(src, dst, before)
+        assert fifo_threads(src.pid) == [] and fifo_threads(dst.pid) == []
 
 
 def test_transfer_defer_and_unix_path(tmp_path: Path) -> None:

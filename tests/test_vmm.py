@@ -30,11 +30,14 @@ def test_parse_command_line() -> None:
         (["-display", "none"], "unknown option"),
         (["--vcpu-cpus", "1-"], "bad CPU list"),
         (["--vcpu-cpus", "x"], "bad CPU list"),
+        (["--switchover-priority", "0"], "1..99"),
+        (["--switchover-priority", "high"], "1..99"),
     ]:
         with pytest.raises(UsageError, match=text):
             parse_args(bad)
     assert parse_cpus("3") == (3,) and parse_cpus("2,0-1,2") == (0, 1, 2)
     assert parse_args(["--vcpu-cpus", "1"]).vcpu_cpus == (1,)
+    assert parse_args(["--switchover-priority", "1"]).switchover_priority == 1
     with pytest.raises(UsageError, match="only unix"):
         parse_qmp("tcp:localhost:4444,server=on")
     with pytest.raises(UsageError, match="wait=on"):

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from cprfast.errors import MigrationError
 from cprfast.notifiers import Dispatch, Notifiers
 from cprfast.policy import Blockers, MigrationCapabilities, MigrationParameters, check_channels, check_prepare
+from cprfast.realtime import realtime
 from cprfast.status import MigMode, MigrationStatus, RunState, StatusCell
 
 if TYPE_CHECKING:
@@ -171,6 +172,7 @@ class MigrationContext:
         self.params = owner.parameters
         self.caps = owner.capabilities
         self.ram = RamCounters()
+        self.switchover_priority = owner.switchover_priority
         self.cleanup = contextlib.ExitStack()
         self.cancelled = threading.Event()
         self._timing = timing
@@ -225,6 +227,7 @@ class IncomingContext:
         self.params = owner.parameters
         self.caps = owner.capabilities
         self.ram = RamCounters()
+        self.switchover_priority = owner.switchover_priority
         self.cleanup = contextlib.ExitStack()
 
     def activate(self) -> None:
@@ -266,6 +269,11 @@ class MigrationState:
         self._incoming_mode = incoming_mode
         self._autostart = True
         self._handed_over = False
+        self.switchover_priority: int | None = None
+        """SCHED_FIFO priority for the threads that stop the guest and hand it over in a CPR
+        mode (:mod:`cprfast.realtime`): ``migrate``'s own from the stop to the end of the
+        hand-over, and a cpr-exec worker until it exec's; None: they keep their own. Set by
+        the VMM, checked early with :func:`cprfast.realtime.check_priority`."""
         self._drivers: dict[MigMode, ModeDriver] = {}
         self._incoming_drivers: dict[MigMode, IncomingDriver] = {}
         self._ctx: MigrationContext | None = None
@@ -418,12 +426,13 @@ class MigrationState:
             prepare = getattr(driver, "prepare", None)
             if prepare is not None:
                 prepare(ctx)
-            if mode.is_cpr:
-                self._stop_vm_for_migration()
-            dispatch.setup()
-            handover = getattr(driver, "handover", None)
-            if handover is not None:
-                handover(ctx)
+            with realtime(self.switchover_priority if mode.is_cpr else None):
+                if mode.is_cpr:
+                    self._stop_vm_for_migration()
+                dispatch.setup()
+                handover = getattr(driver, "handover", None)
+                if handover is not None:
+                    handover(ctx)
         except BaseException as e:
             self._unwind(ctx, dispatch, e)
             raise

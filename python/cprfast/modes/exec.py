@@ -23,6 +23,7 @@ from cprfast.channels import ChannelType, FileAddress, open_file
 from cprfast.cpr_state import persist_exec_state, unpersist_exec_state, write_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import PreStopState, read_main_file, write_main
+from cprfast.realtime import raise_for_good
 
 if TYPE_CHECKING:
     from cprfast.modes import CprHost
@@ -40,7 +41,11 @@ class ExecDriver:
         self.pre_stop = pre_stop
 
     def run(self, ctx: MigrationContext) -> None:
-        """Write the device state to the main file, then the CPR state to its memfd."""
+        """Write the device state to the main file, then the CPR state to its memfd.
+
+        The worker thread stays at the switchover priority from here until it exec's
+        (the successor inherits it until its guest runs) or the migration fails."""
+        raise_for_good(ctx.switchover_priority)
         addr = ctx.channels[ChannelType.MAIN]
         if not isinstance(addr, FileAddress):
             raise MigrationError(f"cpr-exec mode requires a file: main channel, not {addr.uri}")

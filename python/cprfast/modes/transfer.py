@@ -9,7 +9,9 @@ Guest-RAM memfds are passive memory, so we hand over in two phases:
    registers its KVM memory slot, creates its vCPU, then answers one byte:
    ``L`` (its main channel is already listening) or ``D`` (deferred: it waits for
    ``migrate-incoming``). The source then pre-connects the main channel (``L``)
-   and the second cpr connection, so no connect is left on the pause path.
+   and the second cpr connection; the target accepts both and answers ``W`` on
+   the second once it is about to wait for the device fds. Only then does the
+   source stop the guest: no connect, accept or set-up is left on the pause path.
 2. **Devices, after the stop** (seed 004: no device fd is driven by two
    processes): the main stream (run state + device state; RAM stays in place)
    and a second CPR state with the device fds. A listening target gets the
@@ -54,6 +56,8 @@ ACK_LISTENING = b"L"
 """Phase-1 answer: RAM adopted and registered; the target's main channel listens already."""
 ACK_DEFERRED = b"D"
 """Phase-1 answer: RAM adopted; the main channel comes with ``migrate-incoming`` (wait for HUP)."""
+ACK_WAITING = b"W"
+"""Second cpr connection's answer: accepted; the target now waits for the device fds."""
 ACK_RUNNING = b"K"
 """Main-channel answer: the target loaded the device state and runs the guest."""
 
@@ -150,6 +154,9 @@ class TransferDriver:
         elif ack != ACK_DEFERRED:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} to the RAM hand-over")
         out.devices_sock = out.connect(cpr_addr, ctx, "cpr channel")
+        ack = _recv_ack(out.devices_sock, ctx, "waiting for the device fds")
+        if ack != ACK_WAITING:
+            raise MigrationError(f"cpr-transfer: the target answered {ack!r} on the second cpr connection")
         # Duplicates of the device fds, sent only after the stop: built now, off the pause path.
         out.devices = _subset(self.host.cpr, ram_keys, ram=False)
 
@@ -257,7 +264,8 @@ class TransferTarget:
 
     def ram_ready(self, timeout: float | None = None) -> None:
         """Tell the source that RAM is mapped and registered, and whether the main channel listens;
-        if it does, accept the source's main connection now, while its guest still runs."""
+        then accept its main (if listening) and second cpr connections while its guest still runs,
+        and tell it we wait for the device fds: the source stops its guest only after that."""
         sock, self._ram_sock = self._ram_sock, None
         if sock is None:
             raise MigrationError("cpr-transfer: ram_ready() before receive_ram()")
@@ -267,14 +275,17 @@ class TransferTarget:
         if listener is not None:
             with listener:
                 self._conn = listener.accept(timeout)
-
-    def receive_devices(self, into: CprState, timeout: float | None = None) -> None:
-        """Phase 2: receive the device fds into ``into`` (blocks until the source stopped)."""
         self._devices_sock = self._accept(timeout)
         cpr, self._cpr = self._cpr, None
         if cpr is not None:
             cpr.close()
-        with receive_state(self._devices_sock) as state:
+        self._devices_sock.sendall(ACK_WAITING)
+
+    def receive_devices(self, into: CprState, timeout: float | None = None) -> None:
+        """Phase 2: receive the device fds into ``into`` (blocks until the source stopped its guest)."""
+        if self._devices_sock is None:
+            raise MigrationError("cpr-transfer: receive_devices() before ram_ready()")
+        with receive_state(self._devices_sock, timeout=timeout) as state:
             for name, id, fd in reversed(state.entries()):
                 into.save_fd(name, id, fd)
 

@@ -1,7 +1,7 @@
 """``cprfast-vmm``: the reference VMM's QEMU-like command line and start-up.
 
     cprfast-vmm -m 1G [--guest kvm|threads|auto] [--hot 64M] [--vcpu-cpus 1]
-                [-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]...
+                [--switchover-priority 1] [-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]...
 
 ``-incoming`` takes a URI, a QEMU JSON channel (``{"channel-type": "cpr", ...}``)
 or ``defer``, and may be repeated (a main and a cpr channel). Start-up follows
@@ -11,7 +11,10 @@ imported, so the pause holds only what the guest needs to run.
 
 ``--vcpu-cpus`` pins the guest's thread to those CPUs and the rest of the VMM to
 the others (libvirt's ``vcpupin`` and ``emulatorpin``): the VMM's own work, a
-migration above all, then no longer preempts the guest.
+migration above all, then no longer preempts the guest. ``--switchover-priority``
+runs the threads that stop, hand over and resume the guest in a CPR mode at that
+``SCHED_FIFO`` priority while they do (:mod:`cprfast.realtime`), so a busy host
+does not keep the paused guest waiting; it needs ``CAP_SYS_NICE``.
 
 Parsing is by hand (no argparse, no dataclasses): this runs on a cpr-exec
 successor's pause path, which imports nothing it can do without.
@@ -25,7 +28,7 @@ from cprfast.errors import CprError
 
 USAGE = (
     "usage: cprfast-vmm -m SIZE [--guest kvm|threads|auto] [--hot SIZE] [--vcpu-cpus LIST] "
-    "[-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]..."
+    "[--switchover-priority 1..99] [-qmp unix:PATH,server=on,wait=off] [-incoming CHANNEL]..."
 )
 _UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_RAM = 16 << 30
@@ -91,6 +94,7 @@ class Config:
         self.qmp: str | None = None
         self.incoming: list[str] = []
         self.vcpu_cpus: tuple[int, ...] | None = None
+        self.switchover_priority: int | None = None
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -101,7 +105,7 @@ def parse_args(argv: list[str]) -> Config:
         if arg in ("-h", "--help"):
             raise UsageError(USAGE)
         opt = arg.split("=", 1)[0] if arg.startswith("--") else arg
-        if opt not in ("-m", "-qmp", "-incoming", "--guest", "--hot", "--vcpu-cpus"):
+        if opt not in ("-m", "-qmp", "-incoming", "--guest", "--hot", "--vcpu-cpus", "--switchover-priority"):
             raise UsageError(f"unknown option {arg!r}\n{USAGE}")
         if arg.startswith("--") and "=" in arg:
             value = arg.split("=", 1)[1]
@@ -124,6 +128,10 @@ def parse_args(argv: list[str]) -> Config:
             cfg.qmp = parse_qmp(value)
         elif opt == "--vcpu-cpus":
             cfg.vcpu_cpus = parse_cpus(value)
+        elif opt == "--switchover-priority":
+            if not value.isdigit() or not 1 <= int(value) <= 99:
+                raise UsageError(f"--switchover-priority: a SCHED_FIFO priority 1..99, not {value!r}")
+            cfg.switchover_priority = int(value)
         else:
             cfg.incoming.append(value)
     return cfg

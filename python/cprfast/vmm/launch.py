@@ -26,6 +26,7 @@ import time
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
+from cprfast.realtime import end_inherited
 from cprfast.vmm import fault
 from cprfast.vmm.cli import Config
 from cprfast.vmm.machine import Machine, carried_timeline
@@ -61,9 +62,13 @@ def launch(cfg: Config, started_ns: int | None = None) -> Machine:
 
     ``started_ns`` (CLOCK_MONOTONIC) is when the program began: the ``main`` mark of a successor.
     """
-    if EXEC_STATE_ENV in os.environ:
+    if EXEC_STATE_ENV in os.environ:  # (its predecessor checked the switchover priority)
         machine = _exec_successor(cfg, started_ns if started_ns is not None else time.monotonic_ns())
     else:
+        if cfg.switchover_priority is not None:
+            from cprfast.realtime import check_priority
+
+            check_priority(cfg.switchover_priority)
         defer, main, cpr = _channels(cfg.incoming)
         if cpr is not None:
             machine = _transfer_target(cfg, defer, main, cpr)
@@ -81,6 +86,8 @@ def launch(cfg: Config, started_ns: int | None = None) -> Machine:
             except BaseException:
                 machine.close()
                 raise
+    if machine.migration is not None:
+        machine.migration.switchover_priority = cfg.switchover_priority
     if cfg.qmp is not None:
         machine.serve_qmp(cfg.qmp)
     return machine
@@ -135,6 +142,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
     try:
         machine.create_devices()
         if path is None:
+            end_inherited()
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
             return machine
@@ -143,6 +151,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         fault.point("loaded")
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
+        end_inherited()  # the predecessor's switchover priority, if it had one
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:
@@ -154,6 +163,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
 def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cpr: MigrationAddress) -> Machine:
     """cpr-transfer: RAM first (while the source runs), then device fds, then device state."""
     from cprfast.modes.transfer import TransferTarget
+    from cprfast.realtime import realtime
 
     if not defer and main is None:
         raise MigrationError("a cpr channel needs a main channel or -incoming defer")
@@ -164,20 +174,21 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         machine = _adopt(cfg, target.receive_ram())
         fault.point("ram-received")
         target.ram_ready()
-        target.receive_devices(machine.cpr)
-        machine.timeline["devices-received"] = time.monotonic_ns()
-        fault.point("fds-received")
-        machine.create_devices()
-        if defer:
-            machine.attach_migration(
-                "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
-            )
-            return machine
-        run_state = target.load(None, machine.devices)
-        machine.timeline["loaded"] = time.monotonic_ns()
-        fault.point("loaded")
-        target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
-        machine.resume_loaded(run_state)
+        with realtime(None if defer else cfg.switchover_priority):  # from the source's stop to our resume
+            target.receive_devices(machine.cpr)
+            machine.timeline["devices-received"] = time.monotonic_ns()
+            fault.point("fds-received")
+            machine.create_devices()
+            if defer:
+                machine.attach_migration(
+                    "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
+                )
+                return machine
+            run_state = target.load(None, machine.devices)
+            machine.timeline["loaded"] = time.monotonic_ns()
+            fault.point("loaded")
+            target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
+            machine.resume_loaded(run_state)
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:
