@@ -118,7 +118,8 @@ class Source:
     ) -> dict[str, Any]:
         """The cell's checks on the source side: the guest runs here, intact, error reported, nothing leaked."""
         vm = self.vm
-        info = vm.wait_migration(status, *({"failed", "cancelled", "completed"} - {status}))
+        # (completed is no end here: a failed exec goes completed -> failed)
+        info = vm.wait_migration(status, *({"failed", "cancelled"} - {status}))
         assert info["status"] == status, (info, vm.log()[-3000:])
         if status == "failed":
             assert error is not None and error in info["error-desc"], info
