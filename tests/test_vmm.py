@@ -163,3 +163,18 @@ def test_incoming_state_without_ram_or_console_is_refused() -> None:
         with pytest.raises(CprError, match="no console pipe"):
             Console(state, adopt=True)
         assert Console(state).read() == b""  # a fresh machine makes its own pipe
+
+
+def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``x-fault`` / CPRFAST_VMM_FAULT: an unknown phase or action is refused and leaves no fault set."""
+    from cprfast.vmm import fault
+
+    monkeypatch.delenv(fault.FAULT_ENV, raising=False)
+    for bad in ("nowhere:kill", "setup:explode"):
+        with pytest.raises(ValueError, match="phase must be one of"):
+            fault.inject(bad)
+        assert fault.FAULT_ENV not in os.environ
+    fault.inject("device-save:kill")
+    fault.point("device-load")  # another phase: nothing happens
+    fault.inject("")
+    assert fault.FAULT_ENV not in os.environ
