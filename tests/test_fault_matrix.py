@@ -18,10 +18,14 @@ whose target is the source of the next mode's cells.
 
 Not cells, and why: killing a cpr-exec successor (it *is* the source process:
 there is no second side, as in QEMU); cancelling in a status a mode only passes
-through with no wait in it (cpr-transfer and cpr-exec in active, cpr-reboot in
-active: nothing blocks there); normal mode's target dying after the last byte
-(there is no return path, as in QEMU without one: the source completes, and
-``cont`` resumes it: the ``after-last-byte`` cell checks exactly that).
+through with nothing to wait for and no VMM hook in it (cpr-transfer's active,
+cpr-exec's active and device, cpr-reboot's active); the cpr stream's bytes (no
+checksum in QEMU's format: the fuzz targets cover it, and a target whose state
+lacks guest RAM or the console pipe refuses to start, see ``test_vmm``).
+
+One cell deviates: normal mode has no return path (as QEMU without one), so a
+target killed after the last byte leaves the source completed, not failed; the
+``kill-target-after-last-byte`` cell checks that ``cont`` resumes it there intact.
 """
 
 from __future__ import annotations
