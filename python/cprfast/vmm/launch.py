@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 
+from cprfast import exec_keeper
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
@@ -113,6 +114,7 @@ def _plain_exec_incoming(specs: list[str]) -> tuple[bool, str | None] | None:
 def _exec_successor(cfg: Config, started_ns: int) -> Machine:
     """cpr-exec: adopt the inherited fds; with ``file:`` load and resume at once, with defer wait."""
     marks = {"main": started_ns}
+    keeper = exec_keeper.take()
     plain = _plain_exec_incoming(cfg.incoming)
     if plain is not None:
         defer, path, offset = *plain, 0
@@ -136,11 +138,15 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         if path is None:
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
+            if keeper is not None:
+                exec_keeper.release(keeper)
             return machine
         run_state = read_main_file(path, offset, machine.devices)
         marks["loaded"] = time.monotonic_ns()
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
+        if keeper is not None:
+            exec_keeper.release(keeper)  # the old program's teardown, now that the guest runs
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:

@@ -176,6 +176,10 @@ class Machine:
             self.guest.resume()
             self.timeline["resumed"] = time.monotonic_ns()
 
+    def exec_keep_fds(self) -> tuple[int, ...]:
+        """cpr-exec: fds a keeper holds across ``exec`` (the KVM VM and vCPU: their teardown waits for the successor)."""
+        return self.guest.kvm_fds()
+
     def dirty_log(self, on: bool) -> tuple[int, int] | None:
         """For normal migration: the KVM dirty log of guest RAM, when the guest is KVM."""
         return self.guest.dirty_log(on)
