@@ -27,6 +27,7 @@ from cprfast import exec_keeper
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
+from cprfast.vmm import priority
 from cprfast.vmm.cli import Config
 from cprfast.vmm.machine import Machine, carried_timeline
 
@@ -138,6 +139,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         if path is None:
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
+            priority.unboost()
             if keeper is not None:
                 exec_keeper.release(keeper)
             return machine
@@ -145,6 +147,7 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         marks["loaded"] = time.monotonic_ns()
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
+        priority.unboost()
         if keeper is not None:
             exec_keeper.release(keeper)  # the old program's teardown, now that the guest runs
         machine.attach_migration(run_state)

@@ -24,6 +24,7 @@ from cprfast import _core
 from cprfast.cpr_state import CprState
 from cprfast.devices import DeviceRegistry
 from cprfast.vmm.devices import Console, Doorbell
+from cprfast.vmm import priority
 from cprfast.vmm.guest import HOT_START, Guest, resolve_kind
 
 TYPE_CHECKING = False  # no ``typing`` or ``logging`` at run time: see cprfast.vmm.launch
@@ -129,13 +130,16 @@ class Machine:
         return self.migration
 
     def _carry_timeline(self, event: object, mode: object) -> None:
-        """cpr-exec notifier: on PRECOPY_DONE put the timeline in the environment the exec passes on."""
+        """cpr-exec notifier, in the thread that will exec: on PRECOPY_DONE put the timeline in the
+        environment the exec passes on and raise the thread's priority (:mod:`~cprfast.vmm.priority`)."""
         name = getattr(event, "name", None)
         if name == "PRECOPY_DONE":
             carried = {"stopped": self.timeline.get("stopped", 0), "exec": time.monotonic_ns()}
             os.environ[TIMELINE_ENV] = ",".join(f"{k}={v}" for k, v in carried.items())
+            priority.boost()
         elif name == "PRECOPY_FAILED":
             os.environ.pop(TIMELINE_ENV, None)
+            priority.unboost()
 
     def incoming_done(self) -> None:
         """Record an incoming migration loaded before the migration object existed (start-up fast path)."""
