@@ -43,6 +43,11 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def normal_priority(pid: int) -> bool:
+    """Every thread of ``pid`` runs SCHED_OTHER: a cpr-exec's real-time boost did not outlive the pause."""
+    return all(os.sched_getscheduler(int(tid)) == os.SCHED_OTHER for tid in os.listdir(f"/proc/{pid}/task"))
+
+
 def migrate_exec(vm: Vmm, uri: str) -> None:
     """``migrate``, then reconnect to the successor; the exec may beat the reply (the client then sees a disconnect)."""
     with contextlib.suppress(ExecInterruptedError):
@@ -149,6 +154,7 @@ def test_exec_missing_binary(tmp_path: Path) -> None:
         assert info["error-desc"] == "execvp /nonexistent/cprfast-vmm failed: No such file or directory"
         assert vm.pid == pid and vm.guest()["pid"] == pid
         assert children(pid) == []  # no keeper left behind: the failed exec ended it
+        assert normal_priority(pid)
         for fd in (before["console"]["read-fd"], before["console"]["write-fd"]):
             flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
             assert flags & O_CLOEXEC
@@ -176,6 +182,7 @@ def test_exec_lean_command_and_keeper(tmp_path: Path, guest: str) -> None:
         assert timeline["stopped"] < timeline["exec"] < timeline["main"] < timeline["resumed"]
         # The keeper (a child sharing the old address space) is gone once the successor released it.
         wait_until(lambda: children(vm.pid) == [], what="the cpr-exec keeper released")
+        assert normal_priority(vm.pid)  # the successor dropped the boost once its guest ran
         check_successor(vm, before, vm.pid)
         cmdline = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[1:3] == [b"-S", b"-c"]

@@ -18,6 +18,7 @@ __all__ = [
     "core_version",
     "DirtyBitmap",
     "DirtySet",
+    "ExecKeeper",
     "KvmVm",
     "load_mapped",
     "mapped_file_size",
@@ -31,6 +32,7 @@ __all__ = [
     "recv_pages",
     "recvmsg_fds",
     "Region",
+    "release_exec_keeper",
     "save_mapped",
     "SCM_MAX_FD",
     "send_fds",
@@ -208,6 +210,9 @@ def probe_write_tracking() -> dict[str, Any]: ...
 
 def probe_kvm() -> dict[str, bool | int | str | None]: ...
 
+# --- cpr-exec keeper (rust/py/src/exec_keep.rs) ---
+
+@final
 class ExecKeeper:
     """A process sharing this one's address space and holding copies of ``keep_fds`` across a cpr-exec."""
 
@@ -217,6 +222,7 @@ class ExecKeeper:
     def cancel(self) -> None: ...
 
 def release_exec_keeper(pid: int) -> None: ...
+
 @final
 class KvmVm:
     """A KVM VM with memory slots over Regions and one vCPU running our tiny guest."""
