@@ -30,6 +30,7 @@ from cprfast.errors import MigrationError
 from cprfast.modes import PreStopState, read_main_file, write_main
 
 if TYPE_CHECKING:
+    from cprfast import _core
     from cprfast.modes import CprHost
     from cprfast.migration import IncomingContext, MigrationContext
     from cprfast.status import RunState
@@ -72,8 +73,7 @@ class ExecDriver:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        keep_fds = getattr(self.host, "exec_keep_fds", None)  # optional: hosts without one get no keeper
-        keeper = exec_keeper.keep(keep_fds()) if keep_fds is not None else None
+        keeper = self._keeper()
         try:
             os.execvp(argv[0], argv)
         except OSError as e:
@@ -83,6 +83,18 @@ class ExecDriver:
             unpersist_exec_state(fd, os.environ)
             os.close(fd)
             raise MigrationError(f"execvp {argv[0]} failed: {e.strerror or e}") from None
+
+
+    def _keeper(self) -> _core.ExecKeeper | None:
+        """A keeper for the host's ``exec_keep_fds()``, if it has one; the exec goes on without one if it fails."""
+        keep_fds = getattr(self.host, "exec_keep_fds", None)  # optional: hosts without one get no keeper
+        if keep_fds is None:
+            return None
+        try:
+            return exec_keeper.keep(keep_fds())
+        except (OSError, ValueError) as e:  # only slower without it: execve tears the old program down itself
+            log.warning("cpr-exec: no keeper for the old address space: %s", e)
+            return None
 
 
 class ExecIncoming:
