@@ -26,6 +26,7 @@ from _vmm import (
 )
 
 from cprfast import _core
+from cprfast.vmm.cli import command
 
 HOT = 16 << 20
 MEM = "256M"
@@ -43,6 +44,14 @@ def successor_argv(vm: Vmm, guest: str, incoming: str) -> list[str]:
     """The cpr-exec-command: the same VMM, by the interpreter's path (no shell, no pyenv shim)."""
     return [PYTHON, "-m", "cprfast.vmm", "-m", MEM, "--hot", "16M", "--guest", guest,
             "-qmp", f"unix:{vm.qmp_path},server=on,wait=off", "-incoming", incoming]
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a cpr-exec keeper is one, until the successor releases it)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
 
 
 def migrate_exec(vm: Vmm, uri: str) -> None:
@@ -153,12 +162,37 @@ def test_exec_at_switchover_priority(tmp_path: Path) -> None:
         vm.cmd("migrate", uri=f"file:{tmp_path / 'vm.state'}")
         _still_running(vm, before["fds"])
         wait_until(lambda: fifo_threads(vm.pid) == [], what="the failed migration's worker gone")
+        assert children(vm.pid) == []  # no keeper left behind: the failed exec ended it
         state = tmp_path / "vm2.state"
         vm.cmd("migrate-set-parameters", **{"cpr-exec-command": [*successor_argv(vm, "threads", f"file:{state}"), *prio]})
         migrate_exec(vm, f"file:{state}")
         wait_until(lambda: vm.status() == "running", what="successor running")
         check_successor(vm, before, vm.pid)
         assert fifo_threads(vm.pid) == []
+
+
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_exec_lean_command_and_keeper(tmp_path: Path, guest: str) -> None:
+    """cli.command()'s ``python -S -c`` successor resumes the guest and releases the predecessor's keeper."""
+    with vmms() as procs:
+        vm = boot(tmp_path, guest, procs)
+        state = tmp_path / "vm.state"
+        argv = command("-m", MEM, "--hot", "16M", "--guest", guest,
+                       "-qmp", f"unix:{vm.qmp_path},server=on,wait=off", "-incoming", f"file:{state}")
+        assert argv[1:3] == ["-S", "-c"]
+        before = prepare(vm, argv)
+        assert children(vm.pid) == []
+        migrate_exec(vm, f"file:{state}")
+        wait_until(lambda: vm.status() == "running", what="successor running")
+        timeline = vm.guest()["timeline"]
+        assert timeline["stopped"] < timeline["exec"] < timeline["main"] < timeline["resumed"]
+        # The keeper (a child sharing the old address space) is gone once the successor released it.
+        wait_until(lambda: children(vm.pid) == [], what="the cpr-exec keeper released")
+        check_successor(vm, before, vm.pid)
+        cmdline = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"-S", b"-c"]
+        vm.quit()
+        assert vm.proc.returncode == 0
 
 
 def test_exec_unwritable_main_file(tmp_path: Path) -> None:

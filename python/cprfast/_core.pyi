@@ -18,6 +18,7 @@ __all__ = [
     "core_version",
     "DirtyBitmap",
     "DirtySet",
+    "ExecKeeper",
     "KvmVm",
     "load_mapped",
     "mapped_file_size",
@@ -31,6 +32,7 @@ __all__ = [
     "recv_pages",
     "recvmsg_fds",
     "Region",
+    "release_exec_keeper",
     "save_mapped",
     "SCM_MAX_FD",
     "send_fds",
@@ -207,6 +209,20 @@ def probe_write_tracking() -> dict[str, Any]: ...
 # --- KVM (rust/py/src/kvm.rs) ---
 
 def probe_kvm() -> dict[str, bool | int | str | None]: ...
+
+# --- cpr-exec keeper (rust/py/src/exec_keep.rs) ---
+
+@final
+class ExecKeeper:
+    """A process sharing this one's address space and holding copies of ``keep_fds`` across a cpr-exec."""
+
+    def __new__(cls, keep_fds: Sequence[int] = ..., linger: float = 60.0) -> ExecKeeper: ...
+    @property
+    def pid(self) -> int: ...
+    def cancel(self) -> None: ...
+
+def release_exec_keeper(pid: int) -> None: ...
+
 @final
 class KvmVm:
     """A KVM VM with memory slots over Regions and one vCPU running our tiny guest."""
@@ -215,6 +231,7 @@ class KvmVm:
     def set_memory(self, region: Region, slot: int = 0, guest_addr: int = 0, dirty_log: bool = False) -> float: ...
     def set_dirty_log(self, slot: int, on: bool) -> float: ...
     def fileno(self) -> int: ...
+    def vcpu_fileno(self) -> int: ...
     def create_vcpu(self) -> None: ...
     def setup_guest(self, hot_start: int, hot_len: int) -> None: ...
     def start(self, cpus: Sequence[int] | None = None, *, paused: bool = False) -> None: ...

@@ -26,17 +26,15 @@ with every fd received so far closed; fds are sent in batches.
 
 A cpr-exec successor loads its state with this module before it resumes the
 guest, so at import it loads only what that needs (no ``logging``, ``socket``,
-``typing`` or ``dataclasses``); the cpr-transfer parts import theirs when called.
+``typing``, ``dataclasses``, ``collections`` or ``contextlib``); the cpr-transfer parts import theirs when called.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import struct
 import time
-from collections import deque
 
 from cprfast import _core
 from cprfast.errors import CprError, MigrationError, StreamError
@@ -327,7 +325,7 @@ class StreamReader:
         self._buf = bytearray(data)
         self._pos = 0
         self._dropped = 0  # bytes consumed and dropped from the buffer
-        self._fds: deque[int] = deque(fds)
+        self._fds: list[int] = list(fds)  # a list, not a deque: no collections import on the exec path
         self.inline_fds = inline_fds
         """True when fd fields are service bytes (cpr-transfer), False for numbers (cpr-exec)."""
 
@@ -358,7 +356,7 @@ class StreamReader:
 
     def pop_fd(self) -> int | None:
         """The oldest fd received and not yet claimed (the caller owns it now)."""
-        return self._fds.popleft() if self._fds else None
+        return self._fds.pop(0) if self._fds else None
 
     def take_unclaimed(self) -> list[int]:
         """Every fd still in the FIFO (the caller owns them now)."""
@@ -740,8 +738,10 @@ def load_exec_state(environ: MutableMapping[str, str] = os.environ) -> CprState 
         except OSError as e:
             raise StreamError(f"cannot read cpr-exec state from fd {fd}: {e.strerror}") from None
         finally:
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
         state = decode(StreamReader(data, inline_fds=False))
         state.unpreserve()
         _incoming_mode = "cpr-exec"

@@ -49,6 +49,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from cprfast import _core
 from cprfast.realtime import check_priority
+from cprfast.vmm.cli import command as vmm_command
 from cprfast.vmm.guest import HEARTBEAT, HOT_START
 
 MODES = ("cpr-transfer", "cpr-exec", "cpr-reboot", "normal")
@@ -144,7 +145,7 @@ class Vmm:
     def argv(self, generation: int, *extra: str) -> list[str]:
         """A command line for this VMM's machine (its own, or its cpr-exec successor's)."""
         qmp = self.workdir / f"qmp-{generation}.sock"
-        return [sys.executable, "-m", "cprfast.vmm", *self.machine_args, *extra, "-qmp", f"unix:{qmp},server=on,wait=off"]
+        return vmm_command(*self.machine_args, *extra, "-qmp", f"unix:{qmp},server=on,wait=off")
 
     @property
     def pid(self) -> int:

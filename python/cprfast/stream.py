@@ -21,9 +21,12 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
 
 from cprfast.errors import StreamError
+
+TYPE_CHECKING = False  # no collections.abc at run time: a cpr-exec successor reads its main file with this
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 MAGIC = b"CPRFMAIN"
 VERSION = 1

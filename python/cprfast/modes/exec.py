@@ -7,8 +7,12 @@ close-on-exec on every preserved fd, names the state memfd in
 successor reads the variable before it creates anything, adopts the fds, loads
 the device state and resumes the guest.
 
+A host with ``exec_keep_fds()`` gets a keeper (:mod:`cprfast.exec_keeper`)
+started right before ``exec``, so ``exec`` does not tear down the old address
+space and those fds with the guest paused; its successor releases it.
+
 If ``exec`` fails (a missing binary), everything is undone here: close-on-exec
-set again, the variable removed, the state memfd closed; the orchestration then
+set again, the variable removed, the state memfd closed, the keeper ended; the orchestration then
 marks the migration failed, sends PRECOPY_FAILED and resumes the guest.
 """
 
@@ -19,6 +23,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from cprfast import exec_keeper
 from cprfast.channels import ChannelType, FileAddress, open_file
 from cprfast.cpr_state import persist_exec_state, unpersist_exec_state, write_exec_state
 from cprfast.errors import MigrationError
@@ -26,6 +31,7 @@ from cprfast.modes import PreStopState, read_main_file, write_main
 from cprfast.realtime import raise_for_good
 
 if TYPE_CHECKING:
+    from cprfast import _core
     from cprfast.modes import CprHost
     from cprfast.migration import IncomingContext, MigrationContext
     from cprfast.status import RunState
@@ -72,13 +78,28 @@ class ExecDriver:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
+        keeper = self._keeper()
         try:
             os.execvp(argv[0], argv)
         except OSError as e:
+            if keeper is not None:
+                exec_keeper.cancel(keeper)
             self.host.cpr.unpreserve()
             unpersist_exec_state(fd, os.environ)
             os.close(fd)
             raise MigrationError(f"execvp {argv[0]} failed: {e.strerror or e}") from None
+
+
+    def _keeper(self) -> _core.ExecKeeper | None:
+        """A keeper for the host's ``exec_keep_fds()``, if it has one; the exec goes on without one if it fails."""
+        keep_fds = getattr(self.host, "exec_keep_fds", None)  # optional: hosts without one get no keeper
+        if keep_fds is None:
+            return None
+        try:
+            return exec_keeper.keep(keep_fds())
+        except (OSError, ValueError) as e:  # only slower without it: execve tears the old program down itself
+            log.warning("cpr-exec: no keeper for the old address space: %s", e)
+            return None
 
 
 class ExecIncoming:

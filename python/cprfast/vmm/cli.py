@@ -137,10 +137,33 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-def main(argv: list[str] | None = None, *, started_ns: int | None = None) -> int:
+_LEAN_ENTRY = (
+    "import time;t=time.monotonic_ns();import sys;sys.path.insert(0,{root!r});"
+    "from cprfast.vmm.cli import main;sys.exit(main(started_ns=t,deferred_site=True))"
+)
+
+
+def command(*args: str) -> list[str]:
+    """The quickest-starting command line of this VMM with ``args``: a cpr-exec successor's ``cpr-exec-command``.
+
+    ``python -S -c`` instead of ``python -m cprfast.vmm``: neither the
+    site-packages scan (``.pth`` files) nor ``runpy`` run before the guest
+    resumes; the package directory goes on ``sys.path`` by hand, and ``site``
+    runs once the machine is up, so the rest of the program sees the usual path.
+    """
+    import os
+
+    import cprfast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cprfast.__file__)))
+    return [sys.executable, "-S", "-c", _LEAN_ENTRY.format(root=root), *args]
+
+
+def main(argv: list[str] | None = None, *, started_ns: int | None = None, deferred_site: bool = False) -> int:
     """Run the reference VMM until QMP ``quit``; returns the exit status.
 
     ``started_ns`` (CLOCK_MONOTONIC) is when the program began, the ``main`` mark of the timeline.
+    ``deferred_site``: started by :func:`command` (``python -S``), so ``site`` runs after the launch.
     """
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
@@ -155,6 +178,10 @@ def main(argv: list[str] | None = None, *, started_ns: int | None = None) -> int
     except (CprError, OSError, ValueError) as e:
         sys.stderr.write(f"cprfast-vmm: {e}\n")
         return 1
+    if deferred_site:
+        import site
+
+        site.main()
     try:
         if machine.qmp is not None:
             import asyncio

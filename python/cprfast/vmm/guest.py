@@ -123,6 +123,12 @@ class Guest:
         self._vm.set_dirty_log(0, on)
         return (self._vm.fileno(), 0) if on else None
 
+    def kvm_fds(self) -> tuple[int, ...]:
+        """The KVM VM and vCPU fds (none for a threads guest), for a cpr-exec keeper."""
+        if self._vm is None:
+            return ()
+        return (self._vm.fileno(), self._vm.vcpu_fileno())
+
     def save_state(self) -> bytes:
         """The vCPU state (device ``cpu`` on the main channel); the guest must be paused."""
         return bytes(self._impl().save_state())

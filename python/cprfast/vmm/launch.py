@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import time
 
+from cprfast import exec_keeper
 from cprfast.cpr_state import EXEC_STATE_ENV, CprState, load_exec_state
 from cprfast.errors import MigrationError
 from cprfast.modes import read_main_file
-from cprfast.realtime import end_inherited
 from cprfast.vmm import fault
 from cprfast.vmm.cli import Config
 from cprfast.vmm.machine import Machine, carried_timeline
@@ -121,6 +121,7 @@ def _plain_exec_incoming(specs: list[str]) -> tuple[bool, str | None] | None:
 def _exec_successor(cfg: Config, started_ns: int) -> Machine:
     """cpr-exec: adopt the inherited fds; with ``file:`` load and resume at once, with defer wait."""
     marks = {"main": started_ns}
+    keeper = exec_keeper.take()
     plain = _plain_exec_incoming(cfg.incoming)
     if plain is not None:
         defer, path, offset = *plain, 0
@@ -142,16 +143,24 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
     try:
         machine.create_devices()
         if path is None:
-            end_inherited()
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
+            from cprfast.realtime import end_inherited
+
+            end_inherited()
+            if keeper is not None:
+                exec_keeper.release(keeper)
             return machine
         run_state = read_main_file(path, offset, machine.devices)
         marks["loaded"] = time.monotonic_ns()
         fault.point("loaded")
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
+        from cprfast.realtime import end_inherited  # (imported once the guest runs: it needs contextlib)
+
         end_inherited()  # the predecessor's switchover priority, if it had one
+        if keeper is not None:
+            exec_keeper.release(keeper)  # the old program's teardown, now that the guest runs
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:

@@ -136,7 +136,8 @@ class Machine:
         return self.migration
 
     def _carry_timeline(self, event: object, mode: object) -> None:
-        """cpr-exec notifier: on PRECOPY_DONE put the timeline in the environment the exec passes on."""
+        """cpr-exec notifier, in the thread that will exec: on PRECOPY_DONE put the timeline in the
+        environment the exec passes on."""
         name = getattr(event, "name", None)
         if name == "PRECOPY_DONE":
             carried = {"stopped": self.timeline.get("stopped", 0), "exec": time.monotonic_ns()}
@@ -186,6 +187,10 @@ class Machine:
             self.heartbeat_at_start = self.guest.heartbeat
             self.guest.resume()
             self.timeline["resumed"] = time.monotonic_ns()
+
+    def exec_keep_fds(self) -> tuple[int, ...]:
+        """cpr-exec: fds a keeper holds across ``exec`` (the KVM VM and vCPU: their teardown waits for the successor)."""
+        return self.guest.kvm_fds()
 
     def dirty_log(self, on: bool) -> tuple[int, int] | None:
         """For normal migration: the KVM dirty log of guest RAM, when the guest is KVM."""

@@ -12,6 +12,7 @@ compile_error!("cprfast-core supports 64-bit Linux only");
 
 pub mod dirty;
 pub mod error;
+pub mod exec_keep;
 pub mod guest_threads;
 pub mod kvm;
 pub mod layout;

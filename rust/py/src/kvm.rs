@@ -65,6 +65,11 @@ impl PyKvmVm {
         Ok(self.vm()?.fd().as_raw_fd())
     }
 
+    /// The vCPU fd (kept open across a cpr-exec by an ExecKeeper); owned by this object.
+    fn vcpu_fileno(&self) -> PyResult<i32> {
+        Ok(self.vcpu()?.fd().as_raw_fd())
+    }
+
     /// Create the vCPU (with the host's CPUID). Nothing runs yet.
     fn create_vcpu(&self, py: Python<'_>) -> PyResult<()> {
         let vm = self.vm()?;

@@ -4,6 +4,7 @@
 
 mod dirty;
 mod errors;
+mod exec_keep;
 mod guest_threads;
 mod kvm;
 mod memfd;
@@ -36,6 +37,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::dirty::{PyDirtyBitmap, PyDirtySet, PyTracker, probe_write_tracking};
+
+    #[pymodule_export]
+    use crate::exec_keep::{PyExecKeeper, release_exec_keeper};
 
     #[pymodule_export]
     use crate::kvm::{PyKvmVm, probe_kvm};

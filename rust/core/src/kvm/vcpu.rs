@@ -184,6 +184,12 @@ impl Vcpu {
         })
     }
 
+    /// The vCPU fd.
+    #[must_use]
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.fd.as_fd()
+    }
+
     /// The guest is in `KVM_RUN` (or about to be): started, not paused, not stopped.
     #[must_use]
     pub fn running(&self) -> bool {
