@@ -83,6 +83,30 @@ def _quiet(_: str) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What a process holds, from ``/proc/PID``: the numbers a leak makes grow."""
+
+    fds: int
+    maps: int
+    """Lines of ``/proc/PID/maps`` (every mapping, guest RAM included)."""
+    rss_kib: int
+    rss_anon_kib: int
+    """Private memory only: guest RAM (a shared memfd) moves in and out of RSS as it is touched."""
+
+    @classmethod
+    def of(cls, pid: int | str = "self") -> Footprint:
+        """Read it now (``"self"``: this process)."""
+        proc = Path(f"/proc/{pid}")
+        fds = len(os.listdir(proc / "fd"))
+        with open(proc / "maps", "rb") as f:
+            maps = sum(1 for _ in f)
+        status = dict(
+            line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line
+        )
+        return cls(fds, maps, int(status["VmRSS"].split()[0]), int(status["RssAnon"].split()[0]))
+
+
 @dataclass
 class StepResult:
     """One live update, as observed from outside."""
@@ -113,6 +137,8 @@ class StepResult:
     """The preserved console pipe is the same kernel object; None where the mode preserves no fds."""
     dirty_pages: list[int] = field(default_factory=list)
     """Normal mode: dirty pages found at each sync (query-migrate's x-dirty-history)."""
+    footprint: Footprint | None = None
+    """The VMM that runs the guest afterwards, read from /proc when the update ended."""
 
     @property
     def ok(self) -> bool:
@@ -518,6 +544,7 @@ class LiveGuest:
             devices_ok=after["doorbell"]["rings"] == self._rings,
             fd_same=fd_same,
             dirty_pages=extra.get("dirty_pages", []),
+            footprint=Footprint.of(dst.pid),
         )
         self.progress(
             f"{mode}: pid {src_pid} -> {dst.pid}, pause {result.pause_ms:.3f} ms, total {result.total_ms:.0f} ms"
@@ -727,4 +754,4 @@ def stderr_progress(stream: TextIO = sys.stderr) -> Progress:
     return show
 
 
-__all__ = ["MODES", "LiveGuest", "StepResult", "Vmm", "as_json", "fingerprint", "render", "run", "seed"]
+__all__ = ["MODES", "Footprint", "LiveGuest", "StepResult", "Vmm", "as_json", "fingerprint", "render", "run", "seed"]
