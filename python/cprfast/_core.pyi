@@ -14,6 +14,7 @@ import numpy.typing as npt
 from typing_extensions import Buffer
 
 __all__ = [
+    "checksum",
     "connect_unix",
     "core_version",
     "DirtyBitmap",
