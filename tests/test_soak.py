@@ -56,6 +56,13 @@ def test_anonymous_mappings_and_rss_may_wobble_but_not_climb() -> None:
     assert not all(g.ok for g in soak.growth(_samples(20, "rss_anon_kib", per_update=1024), cycle=4, warmup=4))
 
 
+@pytest.mark.parametrize("n", [21, 22, 23])
+def test_a_run_cut_mid_cycle_compares_like_with_like(n: int) -> None:
+    """A time bound stops a run anywhere: the cycles compared still start with the same mode."""
+    verdicts = soak.growth(_samples(n, "fds"), cycle=4, warmup=n // 10)
+    assert [(g.who, g.start, g.end) for g in verdicts if not g.ok] == [("driver", 19, 28)]  # updates 4-7 against 16-19
+
+
 def test_too_few_updates_cannot_be_judged() -> None:
     with pytest.raises(ValueError, match="too few"):
         soak.growth(_samples(11, None), cycle=4, warmup=4)

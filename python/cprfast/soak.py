@@ -100,14 +100,17 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def growth(samples: Sequence[Sample], cycle: int, warmup: int) -> list[Growth]:
-    """Compare the cycle after ``warmup`` updates with the last full cycle.
+    """Compare the first full cycle after ``warmup`` updates with the last full cycle.
 
-    Needs ``warmup + 2 * cycle`` samples; raises ValueError with fewer.
+    Cycles start at multiples of ``cycle`` (the same mode at the same place in both).
+    Needs two full cycles after the warm-up; raises ValueError with fewer.
     """
-    if len(samples) < warmup + 2 * cycle:
-        raise ValueError(f"{len(samples)} updates are too few to judge growth (need {warmup + 2 * cycle})")
-    first = samples[warmup : warmup + cycle]
-    last = samples[len(samples) - cycle :]
+    start = -(-warmup // cycle) * cycle
+    end = len(samples) // cycle * cycle
+    if end - start < 2 * cycle:
+        raise ValueError(f"{len(samples)} updates are too few to judge growth (need {start + 2 * cycle})")
+    first = samples[start : start + cycle]
+    last = samples[end - cycle : end]
     out: list[Growth] = []
     for a, b in zip(first, last, strict=True):
         assert a.mode == b.mode, (a.mode, b.mode)
