@@ -202,13 +202,15 @@ def render(report: SoakReport) -> str:
         f"{len(report.samples)} updates in {report.seconds:.0f} s; "
         f"noise allowance: {report.baseline_ms:.3f} ms (stall with no update) + each update's observer blind spot",
         "",
-        f"{'mode':<13} {'n':>4} {'median':>10} {'p99':>10} {'max':>10} {'floor':>8}",
+        f"{'mode':<13} {'n':>4} {'median':>10} {'p99':>10} {'max':>10} {'floor':>8} {'over':>5}",
     ]
     for mode in dict.fromkeys(s.mode for s in report.samples):
-        pauses = [s.pause_ms for s in report.samples if s.mode == mode]
+        mine = [s for s in report.samples if s.mode == mode]
+        pauses = [s.pause_ms for s in mine]
+        over = sum(s.pause_ms > s.limit_ms for s in mine)
         lines.append(
             f"{mode:<13} {len(pauses):>4} {statistics.median(pauses):>7.3f} ms {_percentile(pauses, 0.99):>7.3f} ms "
-            f"{max(pauses):>7.3f} ms {report.floors_ms[mode]:>5g} ms"
+            f"{max(pauses):>7.3f} ms {report.floors_ms[mode]:>5g} ms {over:>5}"
         )
     if report.growth:
         lines += ["", f"{'process':<18} {'count':<13} {'after warm-up':>14} {'end':>10}  verdict"]
