@@ -87,8 +87,14 @@ def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(e))
     try:
         report = soak.run(
-            args.updates, args.minutes, mem=mem, hot=hot, guest=args.guest, modes=modes,
-            floors_ms=floors, progress=demo.stderr_progress(),
+            args.updates,
+            args.minutes,
+            mem=mem,
+            hot=hot,
+            guest=args.guest,
+            modes=modes,
+            floors_ms=floors,
+            progress=demo.stderr_progress(),
         )
     except KeyboardInterrupt:
         sys.stderr.write("cprfast soak: interrupted (every VMM stopped, work directory removed)\n")

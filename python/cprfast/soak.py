@@ -177,7 +177,9 @@ def run(
         report.growth = growth(report.samples, len(modes), warmup=max(len(modes), len(report.samples) // 10))
     except ValueError as e:
         report.failures.append(str(e))
-    report.failures += [f"{g.who} {g.what} grew {g.start} -> {g.end} (allowed +{g.allowed})" for g in report.growth if not g.ok]
+    report.failures += [
+        f"{g.who} {g.what} grew {g.start} -> {g.end} (allowed +{g.allowed})" for g in report.growth if not g.ok
+    ]
     return report
 
 
