@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= test,bench
 
-.PHONY: demo test build venv rust-test lint pytest bench bench-quick bench-qemu wheel clean fuzz
+.PHONY: demo test build venv rust-test lint pytest bench bench-quick bench-qemu wheel clean fuzz soak
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ pytest: build
 	$(PY) -m pytest -q
 
 test: build rust-test lint pytest
+
+# Live-update the reference VMM SOAK_UPDATES times in a row across the modes (stopping after
+# SOAK_MINUTES); fails if fds, mappings or RSS grow or a heartbeat gap passes its mode's floor.
+SOAK_UPDATES ?= 1000
+SOAK_MINUTES ?= 14
+soak: build
+	$(VENV)/bin/cprfast soak --updates $(SOAK_UPDATES) --minutes $(SOAK_MINUTES)
 
 # Micro-benchmarks and live-update scenarios; JSON and plots in bench/results/ (about 15 min).
 bench: build

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import fuzz_targets  # noqa: E402
+import numpy as np  # noqa: E402
 from cprfast import _core, cpr_state, stream  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -127,6 +129,53 @@ def bundles() -> Iterator[bytes]:
             b.close()
 
 
+def _fuzz_region() -> _core.Region:
+    """A region like the fuzz targets': some pages of data, the rest zero."""
+    region = _core.Region.create("seed", fuzz_targets.REGION_PAGES * fuzz_targets.PAGE)
+    for page in (0, 3, 4, 7):
+        region.write(page * fuzz_targets.PAGE, bytes([page + 1]) * 100 + bytes(range(256)) * 4)
+    return region
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    out = bytearray()
+    while chunk := os.read(fd, 1 << 16):
+        out += chunk
+    return bytes(out)
+
+
+def page_streams() -> Iterator[bytes]:
+    """Page streams as send_pages writes them: one channel, two channels, only some pages."""
+    with _fuzz_region() as region:
+        for channels, dirty in ((1, None), (2, None), (1, np.array([0b10010], dtype=np.uint64))):
+            fds = [os.memfd_create("seed", os.MFD_CLOEXEC) for _ in range(channels)]
+            try:
+                _core.send_pages(region, fds[0], dirty=dirty, channels=fds[1:])
+                streams = [_read_all(fd) for fd in fds]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if channels == 1:
+                yield bytes([0]) + streams[0]
+            else:
+                cut = len(streams[0]).to_bytes(2, "little")
+                yield bytes([fuzz_targets.FLAG_TWO_CHANNELS]) + cut + streams[0] + streams[1]
+
+
+def mapped_saves() -> Iterator[bytes]:
+    """A mapped-ram save of the fuzz region as save_mapped writes it; resealed and not."""
+    with _fuzz_region() as region:
+        fd = os.memfd_create("seed", os.MFD_CLOEXEC)
+        try:
+            _core.save_mapped(region, fd)
+            save = _read_all(fd)
+        finally:
+            os.close(fd)
+    yield bytes([0]) + save
+    yield bytes([fuzz_targets.FLAG_RESEAL | 2 << 1]) + save
+
+
 def seeds() -> dict[str, list[bytes]]:
     """Seed inputs per target."""
     return {
@@ -137,6 +186,8 @@ def seeds() -> dict[str, list[bytes]]:
         "channels_incoming": [s.encode() for s in INCOMING],
         "channels_json": [json.dumps(c).encode() for c in CHANNEL_LISTS],
         "scm_bundle": list(bundles()),
+        "pagestream": list(page_streams()),
+        "mapped_ram": list(mapped_saves()),
     }
 
 

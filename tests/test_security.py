@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,93 @@ def test_qmp_socket_is_mode_0600(tmp_path: Path) -> None:
             await server.close()
 
     assert asyncio.run(main()) == 0o600
+
+
+def _qmp_server(path: Path, allowed_uids: list[int] | None = None) -> QMPServer:
+    server = QMPServer(MigrationState(_Vcpus()), path, allowed_uids=allowed_uids)
+    server.start_in_thread()
+    return server
+
+
+def _greeting(path: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        return s.recv(4096)
+
+
+def test_qmp_refuses_another_uid_before_the_greeting(public_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Even with the socket opened up to everyone, a stranger is logged with pid and uid and
+    closed without a byte; our own uid still gets the greeting afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch a child to uid nobody")
+    path = public_dir / "qmp.sock"
+    server = _qmp_server(path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cprfast.scm"):
+            path.chmod(0o666)
+            pid, r = connect_as_nobody(path)
+            assert read_report(r, 1) == b"C"
+            assert read_report(r, 4) == b"EOF", "the refused peer got data (the greeting?)"
+            reap(pid, r)
+        assert b'"QMP"' in _greeting(path)
+    finally:
+        server.stop_thread()
+    refusals = [rec.getMessage() for rec in caplog.records if rec.name == "cprfast.scm"]
+    assert len(refusals) == 1 and f"pid {pid} uid {NOBODY}" in refusals[0], refusals
+    assert not path.exists(), "the QMP socket file was left behind"
+
+
+def test_qmp_allow_list_lets_a_named_uid_in(public_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch a child to uid nobody")
+    path = public_dir / "qmp.sock"
+    server = _qmp_server(path, allowed_uids=[os.geteuid(), NOBODY])
+    try:
+        path.chmod(0o666)
+        pid, r = connect_as_nobody(path)
+        assert read_report(r, 1) == b"C"
+        assert read_report(r, 4) == b"DATA", "the allowed uid did not get the greeting"
+        reap(pid, r)
+    finally:
+        server.stop_thread()
+
+
+def _open_qmp(path: Path) -> None:
+    _qmp_server(path).stop_thread()
+
+
+def _open_cpr(path: Path) -> None:
+    listen(UnixAddress(str(path))).close()
+
+
+@pytest.mark.parametrize("open_socket", [_open_qmp, _open_cpr], ids=["qmp", "cpr"])
+def test_socket_directory_anyone_may_write_to_is_refused(
+    open_socket: Callable[[Path], None], tmp_path: Path
+) -> None:
+    """Anyone could swap the socket file in a world-writable directory without the sticky bit."""
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.raises(PermissionError, match="writable by everyone without the sticky bit"):
+        open_socket(d / "x.sock")
+    assert list(d.iterdir()) == []
+    d.chmod(0o1777)  # the sticky bit, as /tmp: others cannot remove our file
+    open_socket(d / "x.sock")
+
+
+@pytest.mark.parametrize("open_socket", [_open_qmp, _open_cpr], ids=["qmp", "cpr"])
+def test_socket_directory_owned_by_another_user_is_refused(
+    open_socket: Callable[[Path], None], tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to uid nobody")
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o755)
+    os.chown(d, NOBODY, NOBODY)
+    with pytest.raises(PermissionError, match=f"owned by uid {NOBODY}"):
+        open_socket(d / "x.sock")
+    assert list(d.iterdir()) == []
 
 
 def test_cpr_channel_socket_is_mode_0600(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from typing_extensions import Buffer
 
 __all__ = [
+    "checksum",
     "connect_unix",
     "core_version",
     "DirtyBitmap",
@@ -376,3 +377,4 @@ def load_mapped(
     region: Region, fd: int, offset: int = 0, *, threads: int = 0, progress: StreamProgress | None = None
 ) -> StreamStats: ...
 def mapped_file_size(region_size: int, page_size: int | None = None) -> int: ...
+def checksum(data: bytes) -> int: ...

@@ -32,7 +32,7 @@ import re
 import shlex
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -556,15 +556,21 @@ class Listener:
         self.close()
 
 
-def listen(addr: MigrationAddress, *, named_fds: Mapping[str, int] | None = None) -> Listener:
-    """Open the incoming side of a socket channel (unix, tcp, or an inherited fd)."""
+def listen(
+    addr: MigrationAddress, *, named_fds: Mapping[str, int] | None = None, allowed_uids: Sequence[int] | None = None
+) -> Listener:
+    """Open the incoming side of a socket channel (unix, tcp, or an inherited fd).
+
+    A UNIX socket lets in only peers whose uid is in ``allowed_uids`` (default: ours),
+    and is created only in a directory no other user can tamper with.
+    """
     if isinstance(addr, UnixAddress):
         # QEMU unlinks whatever is at the path; we replace only a stale socket.
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(addr.path).st_mode):
                 raise MigrationError(f"cannot listen on {addr.path}: it exists and is not a socket")
             os.unlink(addr.path)
-        return Listener(_core.UnixListener(addr.path), addr)
+        return Listener(_core.UnixListener(addr.path, allowed_uids=allowed_uids), addr)
     if isinstance(addr, TcpAddress):
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.create_server((addr.host, addr.port), family=family)

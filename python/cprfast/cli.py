@@ -1,4 +1,4 @@
-"""The ``cprfast`` command: ``info``, ``demo`` and ``bench``."""
+"""The ``cprfast`` command: ``info``, ``demo``, ``soak`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--modes", help="comma-separated, in order (default cpr-transfer,cpr-exec,cpr-reboot,normal)")
     demo.add_argument("--guest", choices=("auto", "kvm", "threads"), default="auto", help="guest kind (default auto)")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    soak = sub.add_parser("soak", help="live-update the reference VMM many times in a row; fail if anything grows")
+    soak.add_argument("--updates", type=int, default=1000, help="updates to run (default 1000)")
+    soak.add_argument("--minutes", type=float, default=14.0, help="stop early after this long (default 14)")
+    soak.add_argument("--mem", default="128M", help="guest RAM (default 128M)")
+    soak.add_argument("--hot", default="8M", help="the working set the guest keeps dirtying (default 8M)")
+    soak.add_argument("--modes", help="comma-separated cycle (default cpr-transfer,cpr-exec,cpr-reboot,normal)")
+    soak.add_argument("--guest", choices=("auto", "kvm", "threads"), default="auto", help="guest kind (default auto)")
+    soak.add_argument(
+        "--floor", action="append", default=[], metavar="MODE=MS", help="override a mode's longest allowed gap"
+    )
+    soak.add_argument("--json", action="store_true", help="print the report (every sample) as JSON")
     bench = sub.add_parser("bench", help="run bench/ (micro-benchmarks and live-update scenarios) of a source checkout")
     bench.add_argument("--quick", action="store_true", help="every mode once at 256M, micro-benchmarks briefly (~2 min)")
     bench.add_argument("--results", type=Path, help="directory for the JSON results and plots (default bench/results)")
@@ -39,20 +50,70 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(render(results))
     elif args.command == "demo":
         return _demo(parser, args)
+    elif args.command == "soak":
+        return _soak(parser, args)
     elif args.command == "bench":
         return _bench(parser, args)
     return 0
+
+
+def _modes(parser: argparse.ArgumentParser, given: str | None) -> list[str]:
+    """``--modes``: known modes, in the order given."""
+    from cprfast.demo import MODES
+
+    modes = [m.strip() for m in given.split(",") if m.strip()] if given else list(MODES)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        parser.error(f"--modes: unknown mode(s) {bad} (choose from {', '.join(MODES)})")
+    return modes
+
+
+def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from cprfast import demo, soak
+    from cprfast.vmm.cli import UsageError, parse_size
+
+    modes = _modes(parser, args.modes)
+    floors: dict[str, float] = {}
+    try:
+        for item in args.floor:
+            mode, sep, ms = item.partition("=")
+            if not sep or mode not in soak.FLOORS_MS:
+                raise UsageError(f"--floor {item!r}: expected MODE=MS with MODE one of {', '.join(soak.FLOORS_MS)}")
+            floors[mode] = float(ms)
+        if args.updates < 1:
+            raise UsageError("--updates must be at least 1")
+        mem, hot = parse_size(args.mem, "--mem"), parse_size(args.hot, "--hot")
+    except (UsageError, ValueError) as e:
+        parser.error(str(e))
+    try:
+        report = soak.run(
+            args.updates,
+            args.minutes,
+            mem=mem,
+            hot=hot,
+            guest=args.guest,
+            modes=modes,
+            floors_ms=floors,
+            progress=demo.stderr_progress(),
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write("cprfast soak: interrupted (every VMM stopped, work directory removed)\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; the VMM log is in the message
+        sys.stderr.write(f"cprfast soak: failed: {e}\n")
+        return 1
+    sys.stdout.write(soak.as_json(report) + "\n" if args.json else soak.render(report))
+    if not report.ok:
+        sys.stderr.write(f"cprfast soak: FAILED: {report.failures[0]}\n")
+    return 0 if report.ok else 1
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from cprfast import demo
     from cprfast.vmm.cli import UsageError, parse_size
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else list(demo.MODES)
-    bad = [m for m in modes if m not in demo.MODES]
+    modes = _modes(parser, args.modes)
     try:
-        if bad or not modes:
-            raise UsageError(f"--modes: unknown mode(s) {bad} (choose from {', '.join(demo.MODES)})")
         mem, hot = parse_size(args.mem, "--mem"), parse_size(args.hot, "--hot")
     except UsageError as e:
         parser.error(str(e))

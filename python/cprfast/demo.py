@@ -38,7 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,6 +85,33 @@ def _quiet(_: str) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What a process holds, from ``/proc/PID``: the numbers a leak makes grow."""
+
+    fds: int
+    maps: int
+    """Lines of ``/proc/PID/maps`` (every mapping, guest RAM included)."""
+    file_maps: int
+    """Mappings of files, memfds included: a guest-RAM mapping kept after an update is one of them."""
+    rss_kib: int
+    rss_anon_kib: int
+    """Private memory only: guest RAM (a shared memfd) moves in and out of RSS as it is touched."""
+
+    @classmethod
+    def of(cls, pid: int | str = "self") -> Footprint:
+        """Read it now (``"self"``: this process)."""
+        proc = Path(f"/proc/{pid}")
+        fds = len(os.listdir(proc / "fd"))
+        with open(proc / "maps", "rb") as f:
+            lines = f.read().splitlines()
+        file_maps = sum(1 for line in lines if b" /" in line)
+        status = dict(
+            line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line
+        )
+        return cls(fds, len(lines), file_maps, int(status["VmRSS"].split()[0]), int(status["RssAnon"].split()[0]))
+
+
 @dataclass
 class StepResult:
     """One live update, as observed from outside."""
@@ -114,11 +142,34 @@ class StepResult:
     """The preserved console pipe is the same kernel object; None where the mode preserves no fds."""
     dirty_pages: list[int] = field(default_factory=list)
     """Normal mode: dirty pages found at each sync (query-migrate's x-dirty-history)."""
+    footprint: Footprint | None = None
+    """The VMM that runs the guest afterwards, read from /proc when the update ended."""
 
     @property
     def ok(self) -> bool:
         """Every check passed."""
         return self.memory_identical and self.heartbeat_continuous and self.devices_ok and self.fd_same is not False
+
+
+@contextlib.contextmanager
+def _swallow() -> Iterator[None]:
+    """``contextlib.suppress(Exception)`` that also clears the swallowed exception's frames.
+
+    qemu.qmp leaves its exceptions in reference cycles; a frame kept alive that way keeps
+    its callers' frames and their locals, the observer that maps the old guest RAM among
+    them, so the old memfd would stay mapped (and allocated) until the garbage collector
+    ran. The soak counts the driver's file mappings to catch exactly that.
+    """
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - the caller expects failures here
+        seen: set[int] = set()
+        exc: BaseException | None = e
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+            exc = exc.__context__
 
 
 class Vmm:
@@ -179,7 +230,7 @@ class Vmm:
                         self._qmp = qmp
                         break
                     except Exception:  # noqa: BLE001 - not accepting yet: retry until the deadline
-                        with contextlib.suppress(Exception):
+                        with _swallow():
                             qmp.close()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the VMM's QMP {self.qmp_path} did not come up:\n{self.log_tail()}")
@@ -201,14 +252,14 @@ class Vmm:
 
     def _drop(self) -> None:
         if self._qmp is not None:
-            with contextlib.suppress(Exception):
+            with _swallow():
                 self._qmp.close()
             self._qmp = None
 
     def quit(self) -> None:
         """QMP ``quit`` and reap; a VMM that does not go in 10 s is killed."""
         if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
+            with _swallow():
                 self.cmd("quit")
         self._drop()
         try:
@@ -519,6 +570,7 @@ class LiveGuest:
             devices_ok=after["doorbell"]["rings"] == self._rings,
             fd_same=fd_same,
             dirty_pages=extra.get("dirty_pages", []),
+            footprint=Footprint.of(dst.pid),
         )
         self.progress(
             f"{mode}: pid {src_pid} -> {dst.pid}, pause {result.pause_ms:.3f} ms, total {result.total_ms:.0f} ms"
@@ -566,7 +618,7 @@ class LiveGuest:
         argv = src.argv(self._generation, "-incoming", f"file:{main}")
         src.cmd("migrate-set-parameters", **{"cpr-exec-command": argv})
         start = time.monotonic()
-        with contextlib.suppress(Exception):  # the reply may be lost: the process exec's its successor
+        with _swallow():  # the reply may be lost: the process exec's its successor
             src.cmd("migrate", uri=f"file:{main}")
         src.reconnect(self._generation)
         total = self._ready(src, start)
@@ -728,4 +780,4 @@ def stderr_progress(stream: TextIO = sys.stderr) -> Progress:
     return show
 
 
-__all__ = ["MODES", "LiveGuest", "StepResult", "Vmm", "as_json", "fingerprint", "render", "run", "seed"]
+__all__ = ["MODES", "Footprint", "LiveGuest", "StepResult", "Vmm", "as_json", "fingerprint", "render", "run", "seed"]

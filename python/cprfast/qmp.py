@@ -19,10 +19,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cprfast import channels
 from cprfast.errors import CprError
 from cprfast.migration import MigrationState
 from cprfast.status import MigrationStatus, RunState
@@ -72,7 +73,13 @@ class _Command:
 
 
 class QMPServer:
-    """QMP over a UNIX socket (created mode 0600) for one :class:`MigrationState`."""
+    """QMP over a UNIX socket for one :class:`MigrationState`.
+
+    The socket is opened like the cpr channel's (:func:`cprfast.channels.listen`): mode
+    0600 from the start, in a checked directory, and a peer whose uid is not in
+    ``allowed_uids`` (default: ours) is logged and closed before it gets even the
+    greeting, since QMP can hand guest memory to whoever asks for a migration.
+    """
 
     def __init__(
         self,
@@ -81,6 +88,7 @@ class QMPServer:
         *,
         package: str | None = None,
         on_quit: Callable[[], None] | None = None,
+        allowed_uids: Sequence[int] | None = None,
     ) -> None:
         from cprfast import __version__
 
@@ -88,8 +96,10 @@ class QMPServer:
         self.path = Path(path)
         self.package = package if package is not None else f"cprfast {__version__}"
         self.on_quit = on_quit
+        self.allowed_uids = allowed_uids
         self._commands: dict[str, _Command] = {}
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: channels.Listener | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: list[dict[str, Any]] | None = None
         """Events raised while the guest is stopped for a migration; sent when that ends."""
@@ -238,18 +248,8 @@ class QMPServer:
         """Listen on the socket (replacing a stale one) and start accepting clients."""
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.is_socket():
-                self.path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            os.fchmod(sock.fileno(), 0o600)  # the bound file gets this mode: no window
-            sock.bind(str(self.path))
-            sock.listen(16)
-            self._server = await asyncio.start_unix_server(self._serve_client, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+        self._listener = channels.listen(channels.UnixAddress(str(self.path)), allowed_uids=self.allowed_uids)
+        self._loop.add_reader(self._listener.fileno(), self._accept)
         m = self.migration
         self._unsubscribe = [
             m.status.subscribe(self._on_status),
@@ -258,27 +258,51 @@ class QMPServer:
         ]
         log.info("QMP listening on %s", self.path)
 
+    def _accept(self) -> None:
+        """A peer knocked: take it if its uid is allowed (the listener logs and closes any other)."""
+        assert self._listener is not None and self._loop is not None
+        try:
+            sock = self._listener.accept(0)
+        except TimeoutError:
+            return  # it was a refused peer, or it went away again
+        except OSError:
+            log.exception("QMP accept on %s failed", self.path)
+            return
+        task = self._loop.create_task(self._serve_socket(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_socket(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 16)
+        except BaseException:
+            sock.close()
+            raise
+        await self._serve_client(reader, writer)
+
     async def serve_forever(self) -> None:
         """Serve until ``quit`` or :meth:`close`."""
-        if self._server is None:
+        if self._listener is None:
             await self.start()
         assert self._closed is not None
         await self._closed.wait()
 
     async def close(self) -> None:
-        """Stop listening, disconnect the clients, remove the socket file."""
+        """Stop listening, disconnect the clients, remove the socket file (if still ours)."""
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
         for client in list(self._clients):
             client.close()
-        if server is not None:
-            await server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._closed is not None:
             self._closed.set()
 

@@ -278,6 +278,30 @@ pub fn connect_unix(path: &Path, w: &mut Waiter<'_>) -> Result<OwnedFd> {
     }
 }
 
+/// Refuse to create a socket in a directory another user could tamper with:
+/// one writable by everyone without the sticky bit (anyone could replace the
+/// socket file), or one owned by a user other than us or root (its owner
+/// could). Fails with `EACCES` and says which.
+pub fn check_socket_dir(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let st = rustix::fs::stat(dir).map_err(|e| Error::os(format!("stat({})", dir.display()), e))?;
+    let me = rustix::process::geteuid().as_raw();
+    let refuse = |why: String| Error::Os {
+        op: format!("socket directory {}: {why}", dir.display()),
+        errno: crate::error::Errno(libc::EACCES),
+    };
+    if st.st_uid != me && st.st_uid != 0 {
+        return Err(refuse(format!("owned by uid {}, neither us (uid {me}) nor root", st.st_uid)));
+    }
+    if st.st_mode & 0o002 != 0 && st.st_mode & 0o1000 == 0 {
+        return Err(refuse(format!("mode {:#o} is writable by everyone without the sticky bit", st.st_mode & 0o7777)));
+    }
+    Ok(())
+}
+
 /// What one [`UnixListener::accept`] produced.
 #[derive(Debug)]
 pub enum Accepted {
@@ -301,11 +325,13 @@ impl UnixListener {
     /// Bind and listen at `path`. The socket file gets exactly `mode` and is
     /// never more open than that at any moment (the socket inode is chmod'ed
     /// before `bind`, so the umask can only narrow it; the final mode is set
-    /// before `listen`). `allowed_uids` defaults to our effective uid.
+    /// before `listen`). `allowed_uids` defaults to our effective uid. The
+    /// directory is checked first ([`check_socket_dir`]).
     pub fn bind(path: &Path, mode: u32, allowed_uids: Option<Vec<u32>>, backlog: i32) -> Result<Self> {
         if mode & !0o777 != 0 {
             return Err(Error::InvalidArgument(format!("socket mode {mode:#o} has bits beyond 0o777")));
         }
+        check_socket_dir(path)?;
         let addr = unix_addr(path)?;
         let fd = unix_socket()?;
         let mode = Mode::from_raw_mode(mode);
@@ -484,6 +510,21 @@ mod tests {
         assert!(matches!(strict.accept(&mut Waiter::new(None)).unwrap(), Accepted::Refused(_)));
         drop((l, strict));
         assert!(!path.exists(), "listener did not unlink its socket");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_dir_world_writable_without_sticky_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cprfast-scm-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = UnixListener::bind(&dir.join("l.sock"), 0o600, None, 4).unwrap_err();
+        assert!(matches!(e, Error::Os { errno, .. } if errno.0 == libc::EACCES), "{e}");
+        assert!(e.to_string().contains("without the sticky bit"), "{e}");
+        assert!(!dir.join("l.sock").exists(), "a socket was created before the check");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(UnixListener::bind(&dir.join("l.sock"), 0o600, None, 4).unwrap());
         std::fs::remove_dir(&dir).unwrap();
     }
 }

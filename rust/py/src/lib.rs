@@ -49,7 +49,7 @@ mod _core {
 
     #[pymodule_export]
     use crate::pagestream::{
-        PyStreamProgress, PyStreamStats, load_mapped, mapped_file_size, recv_pages, save_mapped, send_pages,
+        PyStreamProgress, PyStreamStats, checksum, load_mapped, mapped_file_size, recv_pages, save_mapped, send_pages,
     };
 
     /// Version of the Rust core, to check that the extension matches the package.

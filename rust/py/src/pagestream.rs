@@ -272,3 +272,10 @@ pub fn load_mapped(
 pub fn mapped_file_size(region_size: usize, page_size: Option<usize>) -> PyResult<u64> {
     Ok(pagestream::mapped_file_size(region_size, page_size.unwrap_or_else(host_page_size)).map_err(CoreError)?)
 }
+
+/// xxh3-64 of `data`: the checksum page-stream frames and mapped-ram saves carry
+/// (so tools and the fuzzers can write frames the receiver's checksum accepts).
+#[pyfunction]
+pub fn checksum(data: &[u8]) -> u64 {
+    pagestream::checksum(data)
+}

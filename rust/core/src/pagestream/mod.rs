@@ -22,6 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use mapped::{load_mapped, mapped_file_size, save_mapped};
 pub use stream::{recv, send};
 
+/// xxh3-64 of `data`, the checksum of every page-stream frame, mapped-ram
+/// table and mapped-ram page.
+#[must_use]
+pub fn checksum(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
 
