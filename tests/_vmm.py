@@ -46,12 +46,6 @@ def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "cond
         time.sleep(0.01)
 
 
-def unix_listening(path: str | Path) -> bool:
-    """Whether some socket is listening at ``path`` (per /proc/net/unix): a bound but not yet listening socket refuses connections."""
-    with open("/proc/net/unix") as f:
-        return any(len(w) >= 8 and w[-1] == str(path) and w[3] == "00010000" for w in map(str.split, f))
-
-
 def fifo_threads(pid: int) -> list[str]:
     """Names of ``pid``'s threads running at SCHED_FIFO now."""
     names = []
@@ -127,7 +121,16 @@ class Vmm:
         return self._qmp
 
     def _listening(self) -> bool:
-        return unix_listening(self.qmp_path)
+        """Whether a server accepts at the QMP path (after an exec the old file stays until the
+        successor's server replaces it, and connecting there is refused)."""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.qmp_path))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     def reconnect(self) -> QEMUMonitorProtocol:
         """Wait until the process exec's (its QMP connection drops), then connect to the new server."""

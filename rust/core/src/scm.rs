@@ -246,6 +246,14 @@ fn unix_socket() -> Result<OwnedFd> {
     .map_err(|e| Error::os("socket(AF_UNIX)", e))
 }
 
+/// A name beside `path` to bind a socket under before it listens (unique in this process).
+fn staging_path(path: &Path) -> Option<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".cprfast-{}-{n}", rustix::process::getpid().as_raw_nonzero());
+    Some(path.parent()?.join(name))
+}
+
 fn unix_addr(path: &Path) -> Result<SocketAddrUnix> {
     SocketAddrUnix::new(path).map_err(|e| Error::os(format!("UNIX socket address {}", path.display()), e))
 }
@@ -332,23 +340,31 @@ impl UnixListener {
             return Err(Error::InvalidArgument(format!("socket mode {mode:#o} has bits beyond 0o777")));
         }
         check_socket_dir(path)?;
-        let addr = unix_addr(path)?;
+        unix_addr(path)?;
+        // Bound under a staging name beside `path` and renamed into place once it
+        // listens: whoever sees the file can connect (no window of ECONNREFUSED).
+        // A staging name too long for sun_path binds at `path` itself.
+        let staging = staging_path(path).filter(|s| unix_addr(s).is_ok());
+        let bind_at = staging.as_deref().unwrap_or(path);
         let fd = unix_socket()?;
         let mode = Mode::from_raw_mode(mode);
         rustix::fs::fchmod(&fd, mode).map_err(|e| Error::os("fchmod(socket)", e))?;
-        rustix::net::bind(&fd, &addr).map_err(|e| Error::os(format!("bind({})", path.display()), e))?;
+        if bind_at != path && rustix::fs::lstat(path).is_ok() {
+            return Err(Error::os(format!("bind({})", path.display()), Errno::ADDRINUSE));
+        }
+        rustix::net::bind(&fd, &unix_addr(bind_at)?).map_err(|e| Error::os(format!("bind({})", path.display()), e))?;
         let mut listener = Self {
             fd,
-            path: Some(path.to_owned()),
+            path: Some(bind_at.to_owned()),
             created: None,
             allowed_uids: allowed_uids.unwrap_or_else(|| vec![rustix::process::geteuid().as_raw()]),
         };
         // From here on, dropping `listener` unlinks the file once `created` is set.
-        let file = rustix::fs::open(path, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| Error::os(format!("open({}, O_PATH)", path.display()), e))?;
+        let file = rustix::fs::open(bind_at, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::os(format!("open({}, O_PATH)", bind_at.display()), e))?;
         let st = rustix::fs::fstat(&file).map_err(|e| Error::os("fstat(socket file)", e))?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
-            return Err(Error::BadFd(format!("{} was replaced by a non-socket after bind", path.display())));
+            return Err(Error::BadFd(format!("{} was replaced by a non-socket after bind", bind_at.display())));
         }
         listener.created = Some((st.st_dev, st.st_ino));
         if Mode::from_raw_mode(st.st_mode) & Mode::from_raw_mode(0o777) != mode {
@@ -357,6 +373,15 @@ impl UnixListener {
             rustix::fs::chmod(proc_path.as_str(), mode).map_err(|e| Error::os("chmod(socket file)", e))?;
         }
         rustix::net::listen(&listener.fd, backlog).map_err(|e| Error::os("listen", e))?;
+        if bind_at != path {
+            let cwd = rustix::fs::CWD;
+            rustix::fs::renameat_with(cwd, bind_at, cwd, path, rustix::fs::RenameFlags::NOREPLACE).map_err(|e| {
+                // Someone created `path` meanwhile: as bind(2) would have said.
+                let e = if e == Errno::EXIST { Errno::ADDRINUSE } else { e };
+                Error::os(format!("bind({})", path.display()), e)
+            })?;
+            listener.path = Some(path.to_owned());
+        }
         Ok(listener)
     }
 
@@ -525,6 +550,22 @@ mod tests {
         assert!(!dir.join("l.sock").exists(), "a socket was created before the check");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(UnixListener::bind(&dir.join("l.sock"), 0o600, None, 4).unwrap());
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_file_appears_listening_and_never_replaces_one() {
+        let dir = std::env::temp_dir().join(format!("cprfast-scm-stage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.sock");
+        let l = UnixListener::bind(&path, 0o600, None, 4).unwrap();
+        // The file exists only once it listens: a connect right away is accepted, not refused.
+        let c = connect_unix(&path, &mut Waiter::new(Some(Duration::from_secs(5)))).unwrap();
+        let e = UnixListener::bind(&path, 0o600, None, 4).unwrap_err();
+        assert!(matches!(e, Error::Os { errno, .. } if errno.0 == libc::EADDRINUSE), "{e}");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("l.sock")], "a staging name was left behind");
+        drop((c, l));
         std::fs::remove_dir(&dir).unwrap();
     }
 }
