@@ -16,6 +16,7 @@
 //! Window `w` (pages `[w*W, (w+1)*W)`) travels on channel `w % channels`, so
 //! the channels carry disjoint pages and can be applied in parallel.
 
+use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::io::{Limiter, read_full, write_all};
+use super::io::{Limiter, Prealloc, read_full, write_all};
 use super::{
     Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
 };
@@ -127,8 +128,14 @@ struct Out {
     what: String,
 }
 
+/// Most frames one `writev` carries: those ready when the writer is free go
+/// out together (on a regular file, with one block preallocation). More
+/// buffers in flight measured no faster: they only cost cache.
+const BATCH_FRAMES: usize = 2;
+
 /// Send one channel: a producer thread fills and seals frames while this
-/// thread writes the previous one (two buffers rotate between them).
+/// thread writes those ready so far in one `writev` (twice a batch of
+/// buffers rotate between them).
 #[allow(clippy::too_many_arguments)]
 fn send_channel(
     m: &Mapping,
@@ -141,9 +148,9 @@ fn send_channel(
     ctl: &Control<'_>,
 ) -> Result<Stats> {
     let fd = fds[ch];
-    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(1);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(2 * BATCH_FRAMES);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..2 {
+    for _ in 0..2 * BATCH_FRAMES {
         free_tx
             .send(vec![0u8; HEADER + window_pages(m.page_size()) * m.page_size() + SUM])
             .expect("receiver is here");
@@ -154,14 +161,29 @@ fn send_channel(
         // a signal interrupts a blocked write and the caller's hook can abort.
         let written = (|| {
             let mut local = Stats::default();
-            for out in &full_rx {
-                write_all(fd, &out.buf[..out.len], ctl, &|| {
-                    format!("page stream channel {ch}: sending {}", out.what)
+            let mut prealloc = Prealloc::new(fd);
+            let mut batch: Vec<Out> = Vec::with_capacity(BATCH_FRAMES);
+            while let Ok(first) = full_rx.recv() {
+                let mut len = first.len;
+                batch.push(first);
+                while batch.len() < BATCH_FRAMES {
+                    let Ok(out) = full_rx.try_recv() else { break };
+                    len += out.len;
+                    batch.push(out);
+                }
+                prealloc.ahead(len as u64);
+                let mut iov: Vec<_> = batch.iter().map(|o| IoSlice::new(&o.buf[..o.len])).collect();
+                write_all(fd, &mut iov, ctl, &|| {
+                    let (first, last) = (&batch[0].what, &batch[batch.len() - 1].what);
+                    let what = if batch.len() == 1 { first.clone() } else { format!("{first} to {last}") };
+                    format!("page stream channel {ch}: sending {what}")
                 })?;
-                ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
-                limiter.pace(out.len as u64, ctl)?;
-                // The producer may have stopped already; then the buffer is just dropped.
-                let _ = free_tx.send(out.buf);
+                for out in batch.drain(..) {
+                    ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
+                    // The producer may have stopped already; then the buffer is just dropped.
+                    let _ = free_tx.send(out.buf);
+                }
+                limiter.pace(len as u64, ctl)?;
             }
             Ok(local)
         })();
@@ -477,6 +499,33 @@ mod tests {
         let (mut a, mut b) = (vec![0u8; 1000 * 4096], vec![0u8; 1000 * 4096]);
         sm.read(0, &mut a).unwrap();
         dm.read(0, &mut b).unwrap();
+        assert!(a == b);
+    }
+
+    #[test]
+    fn roundtrip_through_a_file_after_existing_bytes_leaves_nothing_preallocated() {
+        use super::super::io::tests::{allocated, tmpfile};
+        let (src, dst) = (region(3000), region(3000));
+        let sm = src.mapping();
+        for p in (0..3000).filter(|p| p % 5 != 0) {
+            sm.write(p * 4096, &[(p % 251) as u8 + 1; 4096]).unwrap();
+        }
+        let f = tmpfile();
+        rustix::io::write(&f, b"prefix").unwrap();
+        let ctl = Control::default();
+        let st = send(&sm, Some(src.fd()), &[f.as_fd()], None, 0, &ctl).unwrap();
+        let size = rustix::fs::fstat(&f).unwrap().st_size as u64;
+        assert_eq!(size, 6 + st.bytes);
+        // Exactly what was written was preallocated: no blocks past the end
+        // (a little slack for extent-tree blocks; a stray batch would be 1 MiB).
+        let slack = 64 << 10;
+        assert!(allocated(f.as_fd()) <= size.next_multiple_of(4096) + slack, "{} allocated", allocated(f.as_fd()));
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Start(6)).unwrap();
+        let r = recv(&dst.mapping(), &[f.as_fd()], &ctl).unwrap();
+        assert_eq!((r.pages, r.zero_pages, r.bytes), (3000, 600, st.bytes));
+        let (mut a, mut b) = (vec![0u8; 3000 * 4096], vec![0u8; 3000 * 4096]);
+        sm.read(0, &mut a).unwrap();
+        dst.mapping().read(0, &mut b).unwrap();
         assert!(a == b);
     }
 
