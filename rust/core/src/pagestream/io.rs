@@ -71,10 +71,11 @@ const IOV_MAX: usize = 1024;
 /// Preallocation of a regular file's blocks just ahead of sequential writes
 /// at its position: `fallocate(FALLOC_FL_KEEP_SIZE)` over each batch before it
 /// is written lets the filesystem allocate blocks for the whole batch at once
-/// instead of reserving them page by page as the data arrives (measured about
-/// 1.3x on ext4 for 1 MiB frames). Only the part beyond the file's end is
-/// preallocated, exactly what is about to be written, so a completed write
-/// leaves nothing allocated past the end. A no-op for pipes, sockets, other
+/// instead of reserving them page by page as the data arrives (plain 1 MiB
+/// writes to a fresh ext4 file measured about 1.4x faster). Only the part
+/// beyond the file's end is preallocated, exactly what is about to be
+/// written, so a completed write leaves nothing allocated past the end (a
+/// failed one may leave that batch). A no-op for pipes, sockets, other
 /// non-regular fds and `O_APPEND` files; best effort (a failure, such as a
 /// filesystem without `fallocate`, just turns it off: the write that follows
 /// reports any real problem, e.g. `ENOSPC`).
