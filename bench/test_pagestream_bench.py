@@ -134,7 +134,7 @@ def compare(
 ) -> float:
     """Alternate Python and Rust rounds; report and return the ratio of their best rates."""
     py_times: list[float] = []
-    benchmark.pedantic(rust, setup=lambda: py_times.append(py()), rounds=5, iterations=1)
+    benchmark.pedantic(rust, setup=lambda: py_times.append(py()), rounds=10, iterations=1)
     rust_bps, py_bps = RUST_SIZE / min(benchmark.stats.stats.data), PY_SIZE / min(py_times)
     return report(benchmark, capsys, name, rust_bps, py_bps, floor)
 

@@ -2,7 +2,6 @@
 //! retry short transfers, wait on non-blocking fds, and give the caller a
 //! chance to abort when a signal interrupts them; and the bandwidth limiter.
 
-use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,28 +32,20 @@ fn retry(fd: BorrowedFd<'_>, e: Errno, out: bool, ctl: &Control<'_>, op: &dyn Fn
     }
 }
 
-/// Write all of `bufs`, in order, to a stream fd (socket, pipe or file at
-/// its position) with `writev`, resuming after short writes.
+/// Write all of `buf` to a stream fd (socket, pipe or file at its position).
 ///
 /// A signal that arrives after part of a blocking write was done makes the
 /// write return short instead of failing with `EINTR`; a short write that
 /// blocked for a while therefore also asks `ctl` whether to abort.
-pub(super) fn write_all(
-    fd: BorrowedFd<'_>,
-    mut bufs: &mut [IoSlice<'_>],
-    ctl: &Control<'_>,
-    op: &dyn Fn() -> String,
-) -> Result<()> {
+pub(super) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], ctl: &Control<'_>, op: &dyn Fn() -> String) -> Result<()> {
     const LONG_BLOCK: Duration = Duration::from_millis(20);
-    IoSlice::advance_slices(&mut bufs, 0); // drop leading empty slices
-    while !bufs.is_empty() {
+    while !buf.is_empty() {
         let t = Instant::now();
-        let iov = &bufs[..bufs.len().min(IOV_MAX)];
-        match rustix::io::writev(fd, iov) {
+        match rustix::io::write(fd, buf) {
             Ok(0) => return Err(Error::PeerClosed(op())),
             Ok(n) => {
-                IoSlice::advance_slices(&mut bufs, n);
-                if !bufs.is_empty() && t.elapsed() >= LONG_BLOCK && ctl.interrupted() {
+                buf = &buf[n..];
+                if !buf.is_empty() && t.elapsed() >= LONG_BLOCK && ctl.interrupted() {
                     return Err(Error::os(op(), Errno::INTR));
                 }
             }
@@ -65,17 +56,14 @@ pub(super) fn write_all(
     Ok(())
 }
 
-/// Most slices one `writev` takes (the kernel's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
-
 /// Preallocation of a regular file's blocks just ahead of sequential writes
-/// at its position: `fallocate(FALLOC_FL_KEEP_SIZE)` over each batch before it
-/// is written lets the filesystem allocate blocks for the whole batch at once
+/// at its position: `fallocate(FALLOC_FL_KEEP_SIZE)` over each frame before it
+/// is written lets the filesystem allocate blocks for the whole frame at once
 /// instead of reserving them page by page as the data arrives (plain 1 MiB
 /// writes to a fresh ext4 file measured about 1.4x faster). Only the part
 /// beyond the file's end is preallocated, exactly what is about to be
 /// written, so a completed write leaves nothing allocated past the end (a
-/// failed one may leave that batch). A no-op for pipes, sockets, other
+/// failed one may leave that frame's). A no-op for pipes, sockets, other
 /// non-regular fds and `O_APPEND` files; best effort (a failure, such as a
 /// filesystem without `fallocate`, just turns it off: the write that follows
 /// reports any real problem, e.g. `ENOSPC`).
@@ -239,18 +227,13 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn vectored_write_survives_short_writes() {
+    fn write_survives_short_writes() {
         // A non-blocking pipe of one page, drained in odd-sized reads: every
-        // writev is short or fails with EAGAIN, often mid-slice.
+        // write is short or fails with EAGAIN.
         let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         rustix::pipe::fcntl_setpipe_size(&tx, 4096).unwrap();
         rustix::fs::fcntl_setfl(&tx, OFlags::NONBLOCK).unwrap();
-        let parts: Vec<Vec<u8>> = [10_000usize, 0, 1, 70_000, 3]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j * 7) as u8).collect())
-            .collect();
-        let want: Vec<u8> = parts.concat();
+        let want: Vec<u8> = (0..80_003usize).map(|j| (j * 7 + j / 4096) as u8).collect();
         let got = std::thread::scope(|s| {
             let reader = s.spawn(|| {
                 let mut out = Vec::new();
@@ -260,8 +243,7 @@ pub(super) mod tests {
                 }
                 out
             });
-            let mut iov: Vec<_> = parts.iter().map(|p| IoSlice::new(p)).collect();
-            write_all(tx.as_fd(), &mut iov, &Control::default(), &|| "test".into()).unwrap();
+            write_all(tx.as_fd(), &want, &Control::default(), &|| "test".into()).unwrap();
             drop(tx);
             reader.join().unwrap()
         });
@@ -270,11 +252,11 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn vectored_write_to_a_closed_pipe_is_peer_closed() {
+    fn write_to_a_closed_pipe_is_peer_closed() {
         let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         drop(rx);
         // SIGPIPE is ignored by the Rust test harness's runtime, so EPIPE comes back.
-        let err = write_all(tx.as_fd(), &mut [IoSlice::new(b"x")], &Control::default(), &|| "w".into()).unwrap_err();
+        let err = write_all(tx.as_fd(), b"x", &Control::default(), &|| "w".into()).unwrap_err();
         assert!(matches!(err, Error::PeerClosed(_)), "{err:?}");
     }
 

@@ -16,7 +16,6 @@
 //! Window `w` (pages `[w*W, (w+1)*W)`) travels on channel `w % channels`, so
 //! the channels carry disjoint pages and can be applied in parallel.
 
-use std::io::IoSlice;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -128,14 +127,10 @@ struct Out {
     what: String,
 }
 
-/// Most frames one `writev` carries: those ready when the writer is free go
-/// out together (on a regular file, with one block preallocation). More
-/// buffers in flight measured no faster: they only cost cache.
-const BATCH_FRAMES: usize = 2;
-
 /// Send one channel: a producer thread fills and seals frames while this
-/// thread writes those ready so far in one `writev` (twice a batch of
-/// buffers rotate between them).
+/// thread writes the previous one (two buffers rotate between them; more
+/// buffers, and writing several ready frames in one `writev`, measured no
+/// faster to a file: they only cost cache).
 #[allow(clippy::too_many_arguments)]
 fn send_channel(
     m: &Mapping,
@@ -148,9 +143,9 @@ fn send_channel(
     ctl: &Control<'_>,
 ) -> Result<Stats> {
     let fd = fds[ch];
-    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(2 * BATCH_FRAMES);
+    let (full_tx, full_rx) = mpsc::sync_channel::<Out>(1);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..2 * BATCH_FRAMES {
+    for _ in 0..2 {
         free_tx
             .send(vec![0u8; HEADER + window_pages(m.page_size()) * m.page_size() + SUM])
             .expect("receiver is here");
@@ -162,28 +157,15 @@ fn send_channel(
         let written = (|| {
             let mut local = Stats::default();
             let mut prealloc = Prealloc::new(fd);
-            let mut batch: Vec<Out> = Vec::with_capacity(BATCH_FRAMES);
-            while let Ok(first) = full_rx.recv() {
-                let mut len = first.len;
-                batch.push(first);
-                while batch.len() < BATCH_FRAMES {
-                    let Ok(out) = full_rx.try_recv() else { break };
-                    len += out.len;
-                    batch.push(out);
-                }
-                prealloc.ahead(len as u64);
-                let mut iov: Vec<_> = batch.iter().map(|o| IoSlice::new(&o.buf[..o.len])).collect();
-                write_all(fd, &mut iov, ctl, &|| {
-                    let (first, last) = (&batch[0].what, &batch[batch.len() - 1].what);
-                    let what = if batch.len() == 1 { first.clone() } else { format!("{first} to {last}") };
-                    format!("page stream channel {ch}: sending {what}")
+            for out in &full_rx {
+                prealloc.ahead(out.len as u64);
+                write_all(fd, &out.buf[..out.len], ctl, &|| {
+                    format!("page stream channel {ch}: sending {}", out.what)
                 })?;
-                for out in batch.drain(..) {
-                    ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
-                    // The producer may have stopped already; then the buffer is just dropped.
-                    let _ = free_tx.send(out.buf);
-                }
-                limiter.pace(len as u64, ctl)?;
+                ctl.count(&mut local, out.len as u64, out.pages, out.zero, out.chunks);
+                limiter.pace(out.len as u64, ctl)?;
+                // The producer may have stopped already; then the buffer is just dropped.
+                let _ = free_tx.send(out.buf);
             }
             Ok(local)
         })();
@@ -517,7 +499,7 @@ mod tests {
         let size = rustix::fs::fstat(&f).unwrap().st_size as u64;
         assert_eq!(size, 6 + st.bytes);
         // Exactly what was written was preallocated: no blocks past the end
-        // (a little slack for extent-tree blocks; a stray batch would be 1 MiB).
+        // (a little slack for extent-tree blocks; a stray frame would be 1 MiB).
         let slack = 64 << 10;
         assert!(allocated(f.as_fd()) <= size.next_multiple_of(4096) + slack, "{} allocated", allocated(f.as_fd()));
         rustix::fs::seek(&f, rustix::fs::SeekFrom::Start(6)).unwrap();
