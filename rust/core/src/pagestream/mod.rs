@@ -302,9 +302,15 @@ struct Holes<'a> {
 }
 
 impl<'a> Holes<'a> {
+    /// Hole lookups in `fd`, none at all if every byte of it is allocated:
+    /// then there are no holes, and `SEEK_HOLE` would only walk the whole
+    /// file page by page (4 ms for 128 MiB here, 6% of sending it).
     fn new(fd: Option<BorrowedFd<'a>>) -> Self {
+        let full = |fd| {
+            rustix::fs::fstat(fd).is_ok_and(|st| st.st_blocks.saturating_mul(512) as u64 >= st.st_size as u64)
+        };
         Self {
-            fd,
+            fd: fd.filter(|&fd| !full(fd)),
             asked: u64::MAX,
             data: (0, 0),
         }
@@ -372,6 +378,22 @@ mod tests {
         assert!(Selection::new(Some(&words), 128).is_err(), "wrong length");
         assert!(Selection::new(Some(&[0, 0, 2]), 129).is_err(), "bit beyond the region");
         assert_eq!(Selection::new(None, 10).unwrap().window(0, 10), [0x3ff, 0, 0, 0]);
+    }
+
+    #[test]
+    fn holes_are_found_and_a_fully_allocated_file_is_not_searched() {
+        use crate::memfd::{CreateOptions, Region};
+        let r = Region::create("t", 64 * 4096, &CreateOptions::default()).unwrap();
+        let m = r.mapping();
+        m.write(5 * 4096, &[1; 4096]).unwrap();
+        let mut h = Holes::new(Some(r.fd()));
+        assert!(h.fd.is_some());
+        let holes: Vec<_> = (0..64).filter(|&p| h.is_hole(p * 4096).unwrap()).collect();
+        assert_eq!(holes, (0..64).filter(|&p| p != 5).collect::<Vec<_>>());
+        m.write(0, &vec![0; 64 * 4096]).unwrap(); // zeros written are data, not holes
+        let mut h = Holes::new(Some(r.fd()));
+        assert!(h.fd.is_none(), "every page is allocated: nothing to look up");
+        assert!((0..64).all(|p| !h.is_hole(p * 4096).unwrap()));
     }
 
     #[test]
