@@ -182,8 +182,10 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         fault.point("cpr-accept")
         machine = _adopt(cfg, target.receive_ram())
         fault.point("ram-received")
-        target.ram_ready()
-        with realtime(None if defer else cfg.switchover_priority):  # from the source's stop to our resume
+        # Real-time from before our "W" (after which the source stops its guest) to our resume:
+        # nothing on this CPU delays us between that answer and blocking for the device fds.
+        with realtime(None if defer else cfg.switchover_priority):
+            target.ram_ready()
             target.receive_devices(machine.cpr)
             machine.timeline["devices-received"] = time.monotonic_ns()
             fault.point("fds-received")
