@@ -24,6 +24,8 @@ HEARTBEAT = 0x1000
 HOT_START = 0x10_0000
 """First byte of the hot working set (``layout::HOT_START``)."""
 STATE_VERSION = 1
+RESUME_WINDOW_S = 0.05
+"""How long a vCPU thread spins for an expected resume before it sleeps again."""
 
 _U64 = struct.Struct("<Q")
 
@@ -101,6 +103,12 @@ class Guest:
         else:
             impl.start(self.cpus)
             self._started = True
+
+    def expect_resume(self) -> None:
+        """A resume follows shortly (a live update's target, once the source stopped its guest):
+        a KVM vCPU thread then waits for it spinning on its own CPU, not asleep."""
+        if self._started and self._vm is not None:
+            self._vm.expect_resume(RESUME_WINDOW_S)
 
     def pause(self) -> None:
         """Stop the guest; when this returns it writes nothing more until :meth:`resume`."""

@@ -188,6 +188,8 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
             target.ram_ready()
             target.receive_devices(machine.cpr)
             machine.timeline["devices-received"] = time.monotonic_ns()
+            if not defer:
+                machine.guest.expect_resume()  # the source's vCPU has stopped: its CPU is free
             fault.point("fds-received")
             machine.create_devices()
             if defer:
