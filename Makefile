@@ -43,7 +43,7 @@ SOAK_MINUTES ?= 14
 soak: build
 	$(VENV)/bin/cprfast soak --updates $(SOAK_UPDATES) --minutes $(SOAK_MINUTES)
 
-# Micro-benchmarks and live-update scenarios; JSON and plots in bench/results/ (about 15 min).
+# Micro-benchmarks and live-update scenarios; JSON and plots in bench/results/ (about 5 min here).
 bench: build
 	$(VENV)/bin/cprfast bench
 
