@@ -89,6 +89,15 @@ def mappings(pid: int) -> collections.Counter[str]:
     return out
 
 
+def assert_intact(vm: Vmm, cold: Any, before: tuple[list[str], collections.Counter[str]]) -> None:
+    """The guest runs here with its cold memory unchanged, and nothing leaked since ``before``."""
+    vm.wait_heartbeat_moves()
+    with ram_of(vm) as ram:
+        np.testing.assert_array_equal(cold_checksums(ram, HOT), cold)
+    wait_until(lambda: fd_targets(vm.pid) == before[0], what="no fd leaked")
+    assert mappings(vm.pid) == before[1]
+
+
 class Source:
     """A booted VMM whose guest the matrix must never lose, with what it looked like before a cell."""
 
@@ -127,11 +136,7 @@ class Source:
         if status == "failed":
             assert error is not None and error in info["error-desc"], info
         wait_until(lambda: vm.status() == "running", what="source guest running again")
-        vm.wait_heartbeat_moves()
-        with ram_of(vm) as ram:
-            np.testing.assert_array_equal(cold_checksums(ram, HOT), self.cold)
-        wait_until(lambda: fd_targets(vm.pid) == before[0], what="no fd leaked")
-        assert mappings(vm.pid) == before[1]
+        assert_intact(vm, self.cold, before)
         return info
 
     def target(self, name: str, *incoming: str, fault: str | None = None, pass_fds: tuple[int, ...] = ()) -> Vmm:
@@ -591,11 +596,7 @@ def test_normal(source: Source, cell: str, full_disk: Path) -> None:
         assert vm.status() == "postmigrate"
         vm.cmd("cont")
         wait_until(lambda: vm.status() == "running", what="source running after cont")
-        vm.wait_heartbeat_moves()
-        with ram_of(vm) as ram:
-            np.testing.assert_array_equal(cold_checksums(ram, HOT), src.cold)
-        wait_until(lambda: fd_targets(vm.pid) == before[0], what="no fd leaked")
-        assert mappings(vm.pid) == before[1]
+        assert_intact(vm, src.cold, before)
     elif cell == "exec-channel-fails":
         vm.cmd("migrate", uri="exec:exit 3")
         src.survived(before, "failed", "exited with status 3")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -85,7 +86,8 @@ def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         mem, hot = parse_size(args.mem, "--mem"), parse_size(args.hot, "--hot")
     except (UsageError, ValueError) as e:
         parser.error(str(e))
-    try:
+
+    def body() -> int:
         report = soak.run(
             args.updates,
             args.minutes,
@@ -96,16 +98,12 @@ def _soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             floors_ms=floors,
             progress=demo.stderr_progress(),
         )
-    except KeyboardInterrupt:
-        sys.stderr.write("cprfast soak: interrupted (every VMM stopped, work directory removed)\n")
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line for the user; the VMM log is in the message
-        sys.stderr.write(f"cprfast soak: failed: {e}\n")
-        return 1
-    sys.stdout.write(soak.as_json(report) + "\n" if args.json else soak.render(report))
-    if not report.ok:
-        sys.stderr.write(f"cprfast soak: FAILED: {report.failures[0]}\n")
-    return 0 if report.ok else 1
+        sys.stdout.write(soak.as_json(report) + "\n" if args.json else soak.render(report))
+        if not report.ok:
+            sys.stderr.write(f"cprfast soak: FAILED: {report.failures[0]}\n")
+        return 0 if report.ok else 1
+
+    return _guarded("soak", body)
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -117,16 +115,26 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         mem, hot = parse_size(args.mem, "--mem"), parse_size(args.hot, "--hot")
     except UsageError as e:
         parser.error(str(e))
-    try:
+
+    def body() -> int:
         results = demo.run(mem, modes, args.guest, hot, demo.stderr_progress())
+        sys.stdout.write(demo.as_json(results) + "\n" if args.json else demo.render(results))
+        return 0 if all(r.ok for r in results) else 1
+
+    return _guarded("demo", body)
+
+
+def _guarded(command: str, body: Callable[[], int]) -> int:
+    """Run a command that drives VMMs: Ctrl-C or an error is one line for the user and an exit status
+    (the VMMs are stopped and the work directory removed by the body's own clean-up)."""
+    try:
+        return body()
     except KeyboardInterrupt:
-        sys.stderr.write("cprfast demo: interrupted (every VMM stopped, work directory removed)\n")
+        sys.stderr.write(f"cprfast {command}: interrupted (every VMM stopped, work directory removed)\n")
         return 130
     except Exception as e:  # noqa: BLE001 - one line for the user; the VMM log is in the message
-        sys.stderr.write(f"cprfast demo: failed: {e}\n")
+        sys.stderr.write(f"cprfast {command}: failed: {e}\n")
         return 1
-    sys.stdout.write(demo.as_json(results) + "\n" if args.json else demo.render(results))
-    return 0 if all(r.ok for r in results) else 1
 
 
 def _checkout(given: Path | None) -> Path | None:
