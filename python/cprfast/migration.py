@@ -227,7 +227,6 @@ class IncomingContext:
         self.params = owner.parameters
         self.caps = owner.capabilities
         self.ram = RamCounters()
-        self.switchover_priority = owner.switchover_priority
         self.cleanup = contextlib.ExitStack()
 
     def activate(self) -> None:

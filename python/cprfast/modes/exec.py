@@ -89,7 +89,6 @@ class ExecDriver:
             os.close(fd)
             raise MigrationError(f"execvp {argv[0]} failed: {e.strerror or e}") from None
 
-
     def _keeper(self) -> _core.ExecKeeper | None:
         """A keeper for the host's ``exec_keep_fds()``, if it has one; the exec goes on without one if it fails."""
         keep_fds = getattr(self.host, "exec_keep_fds", None)  # optional: hosts without one get no keeper

@@ -38,6 +38,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from cprfast import _core
 from cprfast.channels import ChannelType, FdAddress, MigrationAddress, UnixAddress, connect, listen
 from cprfast.cpr_state import SCM_MAX_FD, CprState, receive_state, send_state, wait_hup
 from cprfast.errors import MigrationError
@@ -208,16 +209,6 @@ class TransferDriver:
             self._out.shutdown()
 
 
-def _peer_pid(sock: socket.socket) -> int | None:
-    """The pid of a UNIX socket's peer at connect time (None if not a UNIX socket)."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    except OSError:
-        return None
-    pid = int.from_bytes(creds[:4], "little")
-    return pid or None
-
-
 def _process_alive(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie does not: it will never resume a guest)."""
     try:
@@ -318,8 +309,11 @@ class TransferTarget:
             try:
                 conn.send(ACK_RUNNING, socket.MSG_NOSIGNAL)
             except OSError as e:
-                pid = _peer_pid(conn)
-                if pid is not None and not _process_alive(pid):
+                try:
+                    pid = _core.peer_credentials(conn.fileno())[0]  # (not a UNIX socket: no pid)
+                except OSError:
+                    pid = 0
+                if pid and not _process_alive(pid):
                     log.warning("cpr-transfer: the source (pid %d) died after the hand-over; the guest runs here", pid)
                     return
                 raise MigrationError(

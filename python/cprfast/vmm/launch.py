@@ -145,28 +145,30 @@ def _exec_successor(cfg: Config, started_ns: int) -> Machine:
         if path is None:
             machine.timeline.update(marks)
             machine.attach_migration("inmigrate", incoming=True, incoming_mode="cpr-exec")
-            from cprfast.realtime import end_inherited
-
-            end_inherited()
-            if keeper is not None:
-                exec_keeper.release(keeper)
+            _predecessor_done(keeper)
             return machine
         run_state = read_main_file(path, offset, machine.devices)
         marks["loaded"] = time.monotonic_ns()
         fault.point("loaded")
         machine.timeline.update(marks)
         machine.resume_loaded(run_state)
-        from cprfast.realtime import end_inherited  # (imported once the guest runs: it needs contextlib)
-
-        end_inherited()  # the predecessor's switchover priority, if it had one
-        if keeper is not None:
-            exec_keeper.release(keeper)  # the old program's teardown, now that the guest runs
+        _predecessor_done(keeper)
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:
         machine.close()
         raise
     return machine
+
+
+def _predecessor_done(keeper: int | None) -> None:
+    """A cpr-exec successor past its pause: end the switchover priority it inherited, if any,
+    and release the keeper, whose exit tears the old program down."""
+    from cprfast.realtime import end_inherited  # (imported only now: it needs contextlib)
+
+    end_inherited()
+    if keeper is not None:
+        exec_keeper.release(keeper)
 
 
 def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cpr: MigrationAddress) -> Machine:

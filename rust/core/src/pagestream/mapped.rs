@@ -19,11 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rustix::fs::FallocateFlags;
-use xxhash_rust::xxh3::xxh3_64;
-
 use super::io::{pread_full, pwrite_all};
 use super::{
-    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
+    Control, checksum, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
 };
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
@@ -70,7 +68,7 @@ impl Layout {
         {
             h[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
         }
-        let sum = xxh3_64(&h[..56]);
+        let sum = checksum(&h[..56]);
         h[56..].copy_from_slice(&sum.to_le_bytes());
         h
     }
@@ -140,7 +138,7 @@ fn read_tables(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, ctl: &Control<'_>) 
         return Err(bad("no mapped-ram header (bad magic)".into()));
     }
     let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
-    if xxh3_64(&h[..56]) != u64_at(56) {
+    if checksum(&h[..56]) != u64_at(56) {
         return Err(bad("header checksum mismatch".into()));
     }
     let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
@@ -268,7 +266,7 @@ pub fn save_mapped(
                 let dst = &mut buf[i * ps..(i + 1) * ps];
                 let sum = &mut sums[page - t * per * win];
                 if fetch(m, &mut holes, page, dst)? {
-                    *sum = xxh3_64(dst);
+                    *sum = checksum(dst);
                 } else {
                     set_bit(&mut zero, i);
                     *sum = 0;
@@ -343,7 +341,7 @@ pub fn load_mapped(m: &Mapping, fd: BorrowedFd<'_>, offset: u64, threads: usize,
                     )));
                 }
                 for i in s..s + n {
-                    let sum = xxh3_64(&buf[i * ps..(i + 1) * ps]);
+                    let sum = checksum(&buf[i * ps..(i + 1) * ps]);
                     if sum != tables.sums[first + i] {
                         return Err(Error::Corrupt(format!(
                             "mapped-ram save at offset {offset}: page {} checksum mismatch",

@@ -21,11 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use super::io::{Limiter, Prealloc, read_full, write_all};
 use super::{
-    Control, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
+    Control, checksum, Holes, Selection, Stats, bit, copy_in, count, fetch, parallel, runs, set_bit, window_pages, zero_pages,
 };
 use crate::error::{Error, Result};
 use crate::memfd::Mapping;
@@ -81,7 +79,7 @@ impl Frame {
 fn seal(buf: &mut [u8], frame: &Frame, data: usize) -> usize {
     frame.encode(&mut buf[..HEADER]);
     let end = HEADER + data;
-    let sum = xxh3_64(&buf[..end]);
+    let sum = checksum(&buf[..end]);
     buf[end..end + SUM].copy_from_slice(&sum.to_le_bytes());
     end + SUM
 }
@@ -342,7 +340,7 @@ fn recv_channel(m: &Mapping, fds: &[BorrowedFd<'_>], ch: usize, ctl: &Control<'_
             ));
         }
         let sum = u64::from_le_bytes(buf[len - SUM..len].try_into().expect("8 bytes"));
-        let want = xxh3_64(&buf[..len - SUM]);
+        let want = checksum(&buf[..len - SUM]);
         if sum != want {
             return Err(err(
                 nframe,
