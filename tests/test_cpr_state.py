@@ -481,6 +481,64 @@ def test_600_fds_round_trip_over_socketpair_no_leaks(memfds: Callable[[int], lis
     assert open_fds() == before
 
 
+@pytest.mark.parametrize(("count", "per_message", "messages"), [(0, 16, 1), (2, 253, 1), (16, 16, 1), (17, 16, 2), (600, 253, 3)])
+def test_outgoing_state_splits_at_service_bytes(
+    memfds: Callable[[int], list[int]], count: int, per_message: int, messages: int
+) -> None:
+    """Each message carries its fds on its first byte and holds their service bytes; a state
+    whose fds fit in one message is one message (one sendmsg on a pause path)."""
+    with CprState() as state:
+        for i, fd in enumerate(memfds(count)):
+            state.save_fd(f"m{i}", 0, fd)
+        out = cs.OutgoingState(state, fds_per_message=per_message)
+        data, fds = encode(state, inline_fds=True)
+        assert len(out.messages) == messages
+        assert b"".join(m for m, _ in out.messages) == data
+        assert [fd for _, batch in out.messages for fd in batch] == fds
+        for i, (message, batch) in enumerate(out.messages):
+            assert len(batch) <= per_message
+            services = message.count(b"\x00" * 5 + SERVICE)  # a name's NUL, id 0, a service byte
+            if i:
+                assert message[:1] == SERVICE, "a later message starts at its first fd's service byte"
+                services += 1
+            assert services == len(batch)
+
+
+def test_outgoing_state_of_two_fds_arrives_in_one_recvmsg(memfds: Callable[[int], list[int]]) -> None:
+    with CprState() as state:
+        for i, fd in enumerate(memfds(2)):
+            state.save_fd("dev", i, fd)
+        a, b = socket.socketpair()
+        cs.OutgoingState(state, fds_per_message=cs.SCM_MAX_FD).send(a)
+        data, fds, _, _ = socket.recv_fds(b, 4096, 10)
+        assert data == encode(state, inline_fds=True)[0]
+        assert len(fds) == 2
+        assert b.recv(1) == b"", "the write side is shut after the send"
+        for fd in fds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_take_all_moves_fds_without_duplicates(memfds: Callable[[int], list[int]]) -> None:
+    x, y, z = memfds(3)
+    before = open_fds()
+    with CprState() as into, CprState() as other:
+        into.save_fd("ram", 0, x)
+        other.save_fd("dev", 0, y)
+        moved = other.find_fd("dev", 0)
+        into.take_all(other)
+        assert len(other) == 0
+        assert into.find_fd("dev", 0) == moved, "the very fd moves: no dup"
+        clash = CprState()
+        clash.save_fd("ram", 0, z)
+        with pytest.raises(CprError, match="cpr fd 'ram' id 0 is already saved"):
+            into.take_all(clash)
+        assert len(clash) == 1 and len(into) == 2, "a refused move moves nothing"
+        clash.close()
+    assert open_fds() == before
+
+
 def test_wait_hup_times_out_while_target_holds_socket(memfds: Callable[[int], list[int]]) -> None:
     with CprState() as state:
         state.save_fd("m", 0, memfds(1)[0])

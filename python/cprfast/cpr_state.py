@@ -59,6 +59,7 @@ __all__ = [
     "VFIO_SUBSECTION",
     "CprState",
     "IncomingCpr",
+    "OutgoingState",
     "SocketStreamReader",
     "StreamReader",
     "VfioDevice",
@@ -254,6 +255,16 @@ class CprState:
         self.vfio_devices.clear()
         for fd in fds:
             os.close(fd)
+
+    def take_all(self, other: CprState) -> None:
+        """Move every fd of ``other`` here (no duplicates made; ``other`` ends up empty).
+        A key both hold is refused before anything moves."""
+        clash = self._fds.keys() & other._fds.keys()
+        if clash:
+            name, id = min(clash)
+            raise CprError(f"cpr fd '{name}' id {id} is already saved")
+        self._fds.update(other._fds)
+        other._fds.clear()
 
     def _adopt(self, entries: Sequence[tuple[str, int, int]]) -> None:
         """Take ownership of decoded entries given in wire order."""
@@ -540,38 +551,47 @@ def decode(reader: StreamReader) -> CprState:
 # ---------------------------------------------------------------- cpr-transfer
 
 
+class OutgoingState:
+    """A CPR state encoded for in-band sending, split into its ``sendmsg`` messages.
+
+    Built ahead of time (off a pause path), sent later with :meth:`send`: each
+    message carries up to ``fds_per_message`` fds on its first byte and runs up
+    to the next message's first service byte, so any reader that queues fds -
+    QEMU's included - finds every fd by the time it reads its byte, and a state
+    whose fds fit in one message leaves in one ``sendmsg``. The default, 16, is
+    what QEMU's reader takes per ``recvmsg``; a cprfast reader takes up to 253.
+    The fds stay owned by the state, which must stay open until the send.
+    """
+
+    def __init__(self, state: CprState, *, fds_per_message: int = QEMU_READER_MAX_FDS) -> None:
+        if not 1 <= fds_per_message <= SCM_MAX_FD:
+            raise ValueError(f"fds_per_message must be in 1..{SCM_MAX_FD}, not {fds_per_message}")
+        data, fds, marks = _encode(state, inline_fds=True)
+        starts = [0, *(marks[i] for i in range(fds_per_message, len(fds), fds_per_message)), len(data)]
+        self.messages = [
+            (data[start:end], fds[i * fds_per_message : (i + 1) * fds_per_message])
+            for i, (start, end) in enumerate(zip(starts, starts[1:], strict=False))
+        ]
+
+    def send(self, sock: socket.socket, *, timeout: float | None = None) -> None:
+        """Send every message, then shut down our write side (the socket stays open:
+        :func:`wait_hup` sees the target close it)."""
+        import socket
+
+        deadline = _deadline(timeout)
+        for data, fds in self.messages:
+            sent = _sendmsg_fds(sock, data, fds, _remaining(deadline))
+            while sent < len(data):
+                sent += _sendmsg_fds(sock, data[sent:], (), _remaining(deadline))
+        sock.shutdown(socket.SHUT_WR)
+
+
 def send_state(
     state: CprState, sock: socket.socket, *, fds_per_message: int = QEMU_READER_MAX_FDS, timeout: float | None = None
 ) -> None:
-    """Send ``state`` in-band on a connected UNIX socket, then shut down our write side.
-
-    QEMU sends one fd per ``sendmsg``; we send ``fds_per_message`` at a time (each
-    message ends at the service byte of its last fd, so any reader that queues
-    fds - QEMU's included - finds every fd by the time it reads its byte). The
-    default, 16, is what QEMU's reader can take per ``recvmsg``; a cprfast reader
-    takes up to 253. The socket stays open: :func:`wait_hup` sees the target close it.
-    """
-    if not 1 <= fds_per_message <= SCM_MAX_FD:
-        raise ValueError(f"fds_per_message must be in 1..{SCM_MAX_FD}, not {fds_per_message}")
-    deadline = _deadline(timeout)
-    data, fds, marks = _encode(state, inline_fds=True)
-    start = 0
-    for i in range(0, len(fds), fds_per_message):
-        batch = fds[i : i + fds_per_message]
-        end = marks[i + len(batch) - 1] + 1
-        _send_all(sock, data[start:end], batch, deadline)
-        start = end
-    _send_all(sock, data[start:], (), deadline)
-    import socket
-
-    sock.shutdown(socket.SHUT_WR)
-
-
-def _send_all(sock: socket.socket, data: bytes, fds: Sequence[int], deadline: float | None) -> None:
-    """Send ``data`` with ``fds`` attached to its first byte."""
-    sent = _sendmsg_fds(sock, data, fds, _remaining(deadline))
-    while sent < len(data):
-        sent += _sendmsg_fds(sock, data[sent:], (), _remaining(deadline))
+    """Send ``state`` in-band on a connected UNIX socket, then shut down our write side
+    (:class:`OutgoingState` says how it is split into messages)."""
+    OutgoingState(state, fds_per_message=fds_per_message).send(sock, timeout=timeout)
 
 
 def wait_hup(sock: socket.socket, timeout: float | None = None) -> bool:

@@ -13,11 +13,12 @@ Guest-RAM memfds are passive memory, so we hand over in two phases:
    the second once it is about to wait for the device fds. Only then does the
    source stop the guest: no connect, accept or set-up is left on the pause path.
 2. **Devices, after the stop** (seed 004: no device fd is driven by two
-   processes): the main stream (run state + device state; RAM stays in place)
-   and a second CPR state with the device fds. A listening target gets the
-   device state first, so one wake-up finds everything it needs; a deferred
-   target first closes the cpr socket once it listens (QEMU's HUP) and the
-   source connects and sends the device state then.
+   processes): a second CPR state with the device fds, encoded before the stop
+   and sent in one message, then the main stream (run state + device state; RAM
+   stays in place). A listening target adopts the fds and readies its devices
+   while the source encodes the device state; a deferred target first closes
+   the cpr socket once it listens (QEMU's HUP) and the source connects and
+   sends the device state then.
 
 The target answers ``K`` on the main channel once it has loaded the device
 state, and resumes the guest only if that answer was delivered; the source
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from cprfast import _core
 from cprfast.channels import ChannelType, FdAddress, MigrationAddress, UnixAddress, connect, listen
-from cprfast.cpr_state import SCM_MAX_FD, CprState, receive_state, send_state, wait_hup
+from cprfast.cpr_state import SCM_MAX_FD, CprState, OutgoingState, receive_state, send_state, wait_hup
 from cprfast.errors import MigrationError
 from cprfast.modes import PreStopState, encode_main, read_main
 
@@ -75,14 +76,6 @@ def _recv_ack(sock: socket.socket, ctx: MigrationContext, what: str) -> bytes:
     return data
 
 
-def _send_nowait(sock: socket.socket, data: bytes) -> int:
-    """Send what fits in the socket buffer now; returns the bytes sent."""
-    try:
-        return sock.send(data, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return 0
-
-
 class _Outgoing:
     """The sockets of one outgoing cpr-transfer."""
 
@@ -91,6 +84,7 @@ class _Outgoing:
         self.devices_sock: socket.socket | None = None
         self.main: socket.socket | None = None
         self.devices: CprState | None = None
+        self.devices_out: OutgoingState | None = None
 
     def connect(self, addr: MigrationAddress, ctx: MigrationContext, what: str) -> socket.socket:
         ctx.check_cancelled()
@@ -158,8 +152,9 @@ class TransferDriver:
         ack = _recv_ack(out.devices_sock, ctx, "waiting for the device fds")
         if ack != ACK_WAITING:
             raise MigrationError(f"cpr-transfer: the target answered {ack!r} on the second cpr connection")
-        # Duplicates of the device fds, sent only after the stop: built now, off the pause path.
+        # Duplicates of the device fds, sent only after the stop: built and encoded now, off the pause path.
         out.devices = _subset(self.host.cpr, ram_keys, ram=False)
+        out.devices_out = OutgoingState(out.devices, fds_per_message=SCM_MAX_FD)
 
     def handover(self, ctx: MigrationContext) -> None:
         """Guest just stopped, in ``migrate``'s thread: device state and device fds to a listening target."""
@@ -186,19 +181,18 @@ class TransferDriver:
         ctx.ram.transferred = ctx.ram.downtime_bytes = self._sent
 
     def _send_devices(self, ctx: MigrationContext, out: _Outgoing, main: socket.socket | None) -> None:
-        """Phase 2. Pre-connected: device state first (as much as the socket takes without blocking),
-        so the target finds it waiting when the device fds wake it up. Deferred: QEMU's order."""
-        assert out.devices_sock is not None and out.devices is not None
-        stream = encode_main(self.host.devices, self.pre_stop.value)
-        self._sent = len(stream)
+        """Phase 2: the device fds first (one message, encoded in ``prepare``), so a listening
+        target adopts them and readies its devices while we encode the device state; then the
+        device state. A deferred target connects its main channel in between (QEMU's order)."""
+        assert out.devices_sock is not None and out.devices_out is not None
         try:
-            sent = _send_nowait(main, stream) if main is not None else 0
-            send_state(out.devices, out.devices_sock, fds_per_message=SCM_MAX_FD)
+            out.devices_out.send(out.devices_sock)
+            stream = encode_main(self.host.devices, self.pre_stop.value)
+            self._sent = len(stream)
             if main is None:
                 wait_hup(out.devices_sock)
                 main = out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
-            if sent < len(stream):  # (a send of nothing to a target that already read it all and hung up is EPIPE)
-                main.sendall(memoryview(stream)[sent:])
+            main.sendall(stream)
         except OSError as e:
             ctx.check_cancelled()
             raise MigrationError(f"cpr-transfer: sending device state failed: {e}") from e
@@ -223,9 +217,10 @@ class TransferTarget:
 
     Call, in order: :meth:`receive_ram` (adopt the RAM fds, set up the guest),
     :meth:`ram_ready`, :meth:`receive_devices` (blocks until the source stopped
-    its guest; then create the devices), :meth:`load` (main channel), resume the
-    guest, :meth:`confirm`. ``main`` is the main channel when known at start-up
-    (it listens from the start); None for ``-incoming defer``.
+    its guest; then create the devices), :meth:`load` (main channel),
+    :meth:`confirm`, resume the guest, :meth:`close`. ``main`` is the main
+    channel when known at start-up (it listens from the start); None for
+    ``-incoming defer``.
     """
 
     def __init__(self, cpr: MigrationAddress, main: MigrationAddress | None) -> None:
@@ -277,8 +272,7 @@ class TransferTarget:
         if self._devices_sock is None:
             raise MigrationError("cpr-transfer: receive_devices() before ram_ready()")
         with receive_state(self._devices_sock, timeout=timeout) as state:
-            for name, id, fd in reversed(state.entries()):
-                into.save_fd(name, id, fd)
+            into.take_all(state)
 
     def load(self, address: MigrationAddress | None, devices: DeviceRegistry, timeout: float | None = None) -> str:
         """Load device state from the main channel (accepted by :meth:`ram_ready`, or now, hanging
@@ -289,8 +283,6 @@ class TransferTarget:
             with listen(address) as listener:
                 self.hang_up()
                 self._conn = listener.accept(timeout)
-        else:
-            self.hang_up()
         return read_main(self._conn.fileno(), devices)
 
     def hang_up(self) -> None:
@@ -301,24 +293,22 @@ class TransferTarget:
 
     def confirm(self) -> None:
         """Tell the source the guest is taken over here, before resuming it: it completes and stays
-        in postmigrate. Raises if the source is gone or cancelled (the guest must not run here)."""
-        conn, self._conn = self._conn, None
+        in postmigrate. Raises if the source is gone or cancelled (the guest must not run here).
+        The sockets stay open until :meth:`close`, so closing them is not on the pause path."""
+        conn = self._conn
         if conn is None:
             raise MigrationError("cpr-transfer: confirm() without a main channel")
-        with conn:
+        try:
+            conn.send(ACK_RUNNING, socket.MSG_NOSIGNAL)
+        except OSError as e:
             try:
-                conn.send(ACK_RUNNING, socket.MSG_NOSIGNAL)
-            except OSError as e:
-                try:
-                    pid = _core.peer_credentials(conn.fileno())[0]  # (not a UNIX socket: no pid)
-                except OSError:
-                    pid = 0
-                if pid and not _process_alive(pid):
-                    log.warning("cpr-transfer: the source (pid %d) died after the hand-over; the guest runs here", pid)
-                    return
-                raise MigrationError(
-                    f"cpr-transfer: the source gave up before the guest resumed here ({e.strerror})"
-                ) from e
+                pid = _core.peer_credentials(conn.fileno())[0]  # (not a UNIX socket: no pid)
+            except OSError:
+                pid = 0
+            if pid and not _process_alive(pid):
+                log.warning("cpr-transfer: the source (pid %d) died after the hand-over; the guest runs here", pid)
+                return
+            raise MigrationError(f"cpr-transfer: the source gave up before the guest resumed here ({e.strerror})") from e
 
     def close(self) -> None:
         """Close every socket and listener (the source sees the failure and resumes its guest)."""
@@ -346,7 +336,6 @@ class TransferIncoming:
         try:
             state = RunState(self.target.load(ctx.address, self.host.devices))
             self.target.confirm()
-        except BaseException:
+        finally:
             self.target.close()
-            raise
         return state

@@ -63,6 +63,8 @@ class Guest:
         self.region = region
         self.cpus = cpus
         self.slot_seconds = 0.0
+        self.warmed = False
+        """Whether the KVM guest's memory mappings were built before its state arrived."""
         self._vm: _core.KvmVm | None = None
         self._threads: _core.ThreadsGuest | None = None
         self._started = False
@@ -74,6 +76,7 @@ class Guest:
                 if fresh:
                     vm.setup_guest(HOT_START, hot_len)
                 else:  # the vCPU thread waits, parked, for the predecessor's state: not spawned in the pause
+                    self.warmed = vm.warm_up()  # only reads RAM: safe while the source runs the guest
                     vm.start(cpus, paused=True)
                     self._started = True
             except BaseException:

@@ -204,6 +204,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
             fault.point("loaded")
             target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
             machine.resume_loaded(run_state)
+        target.close()
         machine.attach_migration(run_state)
         machine.incoming_done()
     except BaseException:

@@ -87,6 +87,14 @@ impl PyKvmVm {
         Ok(py.detach(|| vcpu.setup_guest(hot_start, hot_len)).map_err(CoreError)?)
     }
 
+    /// Before start() and load_state(): run the guest code's read-only warm-up routine once, so
+    /// the new VM's mappings exist before the guest's state arrives; False (nothing run) if RAM
+    /// holds another build's guest code. Safe while another VM runs the guest in this RAM.
+    fn warm_up(&self, py: Python<'_>) -> PyResult<bool> {
+        let vcpu = self.vcpu()?;
+        Ok(py.detach(|| vcpu.warm_up()).map_err(CoreError)?)
+    }
+
     /// Start the vCPU thread, pinned to `cpus` if given; `paused`: parked until `resume()`.
     #[pyo3(signature = (cpus=None, *, paused=false))]
     fn start(&self, py: Python<'_>, cpus: Option<Vec<usize>>, paused: bool) -> PyResult<()> {

@@ -60,3 +60,16 @@ touch:
         dec     %ecx
         jnz     touch
         jmp     beat
+
+        /* A target VMM's warm-up, run before it has the guest's state (see
+         * guest.rs, WARM_ADDR): only reads, so it may run while the source
+         * still runs the guest in this very RAM. Executing here and reading the
+         * heartbeat builds the new VM's mappings of the code, the heartbeat
+         * page and the page tables; the ud2 triple-faults (no IDT), which ends
+         * the run with KVM_EXIT_SHUTDOWN. The guest's real registers are
+         * loaded after. */
+        .org    0x80
+warm:
+        mov     HEARTBEAT, %rax
+        mov     PARAM_HOT_START, %rax
+        ud2

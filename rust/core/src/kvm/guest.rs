@@ -105,6 +105,22 @@ pub(crate) fn boot_regs() -> Regs {
     Regs { rip: CODE_ADDR as u64, rflags: 0x2, ..Regs::default() }
 }
 
+/// Guest address of the read-only warm-up routine (`warm:` in `guest.S`, at `.org 0x80`).
+const WARM_ADDR: usize = CODE_ADDR + 0x80;
+
+/// Registers for a warm-up run ([`super::Vcpu::warm_up`]): at `warm:`, interrupts off.
+pub(crate) fn warm_regs() -> Regs {
+    Regs { rip: WARM_ADDR as u64, ..boot_regs() }
+}
+
+/// Whether `ram` holds this build's guest code, so its `warm:` routine is where
+/// [`warm_regs`] points (a guest booted by an older build may not have one).
+pub fn has_current_code(ram: &Mapping) -> Result<bool> {
+    let mut code = vec![0u8; CODE.len()];
+    ram.read(CODE_ADDR, &mut code)?;
+    Ok(code == CODE)
+}
+
 /// Long-mode special registers, derived from the vCPU's reset state: paging
 /// on with our PML4, flat 64-bit user-mode code and data segments from our GDT.
 pub(crate) fn boot_sregs(mut s: Sregs) -> Sregs {
@@ -139,6 +155,18 @@ mod tests {
             let text = decl.split(',').nth(1).unwrap().trim();
             assert_eq!(usize::from_str_radix(text.trim_start_matches("0x"), 16).unwrap(), value, "{decl}");
         }
+    }
+
+    #[test]
+    fn warm_routine_only_reads_and_ends_in_ud2() {
+        let warm = &CODE[WARM_ADDR - CODE_ADDR..];
+        // mov HEARTBEAT, %rax; mov PARAM_HOT_START, %rax; ud2
+        let mut expected = vec![0x48, 0x8b, 0x04, 0x25];
+        expected.extend_from_slice(&(layout::HEARTBEAT as u32).to_le_bytes());
+        expected.extend_from_slice(&[0x48, 0x8b, 0x04, 0x25]);
+        expected.extend_from_slice(&(layout::PARAM_HOT_START as u32).to_le_bytes());
+        expected.extend_from_slice(&[0x0f, 0x0b]);
+        assert_eq!(warm, expected.as_slice());
     }
 
     #[test]
