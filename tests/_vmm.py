@@ -56,6 +56,15 @@ def fifo_threads(pid: int) -> list[str]:
     return names
 
 
+def threads_cpus(pid: int) -> dict[str, set[int]]:
+    """Each thread's name and the CPUs it may run on."""
+    out: dict[str, set[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        out.setdefault(name, set()).update(os.sched_getaffinity(int(tid)))
+    return out
+
+
 def fd_count(pid: int) -> int:
     """Open fds of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))

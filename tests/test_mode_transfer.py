@@ -23,6 +23,7 @@ from _vmm import (
     listening_socket,
     ram_of,
     same_object,
+    threads_cpus,
     vmms,
     wait_until,
 )
@@ -129,6 +130,25 @@ def test_transfer_at_switchover_priority(tmp_path: Path) -> None:
         assert src.wait_migration("completed", "failed")["status"] == "completed"
         check_switchover(src, dst, before)
         assert fifo_threads(src.pid) == [] and fifo_threads(dst.pid) == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs at least two CPUs")
+@pytest.mark.parametrize("guest", guest_kinds())
+def test_transfer_with_pinned_vcpus(tmp_path: Path, guest: str) -> None:
+    """--vcpu-cpus on both sides: the target's switchover thread may borrow the paused guest's CPU,
+    and gives it back: afterwards only the guest's thread runs there, as before the update."""
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = ("--vcpu-cpus", str(cpus[-1]))
+    with vmms() as procs:
+        src = boot(tmp_path, guest, procs, MEM, "src", *pin)
+        dst = start_target(tmp_path, guest, procs, extra=pin)
+        before = prepare_source(src)
+        src.cmd("migrate", channels=channels(tmp_path / "main.sock", tmp_path / "cpr.sock"))
+        assert src.wait_migration("completed", "failed")["status"] == "completed"
+        check_switchover(src, dst, before)
+        threads = {n: c for n, c in threads_cpus(dst.pid).items() if not n.startswith("kvm-")}
+        assert threads.pop("cprfast-vcpu" if guest == "kvm" else "cprfast-guest") == {cpus[-1]}
+        assert threads and all(allowed == set(cpus[:-1]) for allowed in threads.values()), threads
 
 
 def test_transfer_defer_and_unix_path(tmp_path: Path) -> None:

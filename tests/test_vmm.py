@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _vmm import PYTHON, Vmm, fd_targets, guest_kinds, vmms, wait_until
+from _vmm import PYTHON, Vmm, fd_targets, guest_kinds, threads_cpus, vmms, wait_until
 
 from cprfast.vmm import RAM_NAME, Machine
 from cprfast.vmm.cli import UsageError, parse_args, parse_cpus, parse_qmp, parse_size
@@ -82,15 +82,6 @@ def test_guest_runs_and_stops_over_qmp(tmp_path: Path, guest: str) -> None:
         assert vm.proc.returncode == 0
 
 
-def _threads_cpus(pid: int) -> dict[str, set[int]]:
-    """Each thread's name and the CPUs it may run on."""
-    out: dict[str, set[int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        out.setdefault(name, set()).update(os.sched_getaffinity(int(tid)))
-    return out
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs at least two CPUs")
 @pytest.mark.parametrize("guest", guest_kinds())
 def test_vcpu_pinned_and_vmm_kept_off_its_cpu(tmp_path: Path, guest: str) -> None:
@@ -101,7 +92,7 @@ def test_vcpu_pinned_and_vmm_kept_off_its_cpu(tmp_path: Path, guest: str) -> Non
         procs.append(vm)
         vm.wait_heartbeat_moves()
         # (KVM's own kernel worker, started by the vCPU thread's first KVM_RUN, is not ours to place.)
-        threads = {n: c for n, c in _threads_cpus(vm.pid).items() if not n.startswith("kvm-")}
+        threads = {n: c for n, c in threads_cpus(vm.pid).items() if not n.startswith("kvm-")}
         guest_thread = "cprfast-vcpu" if guest == "kvm" else "cprfast-guest"
         assert threads.pop(guest_thread) == {cpus[-1]}
         assert threads and all(allowed == set(cpus[:-1]) for allowed in threads.values()), threads

@@ -10,11 +10,13 @@ racing a timer:
   the rest of the VMM (QMP above all) keeps serving: a test cancels a migration
   in exactly the status it is held in, then releases it.
 
-The variable is read at each point, so QMP ``x-fault`` (``{"spec": "PHASE:ACTION"}``,
-``""`` to clear) changes it in a running VMM. Every action first writes ``cprfast-vmm: fault PHASE:ACTION`` to stderr (the
-test waits for that line). The phases are in :data:`PHASES`. Without the
-variable :func:`point` is one dictionary look-up; the module imports nothing
-else, since a cpr-exec successor reaches phases before its guest resumes.
+The variable is read when this module is imported; QMP ``x-fault`` (``{"spec":
+"PHASE:ACTION"}``, ``""`` to clear) changes it, here and for a cpr-exec successor,
+in a running VMM. Every action first writes ``cprfast-vmm: fault PHASE:ACTION``
+to stderr (the test waits for that line). The phases are in :data:`PHASES`.
+Without a fault :func:`point` reads one global (several points lie inside the
+guest's pause); the module imports nothing else, since a cpr-exec successor
+reaches phases before its guest resumes.
 """
 
 from __future__ import annotations
@@ -36,12 +38,19 @@ ACTIONS = ("kill", "stop", "hold")
 _released = [False]
 
 
-def _spec() -> tuple[str, str] | None:
-    spec = os.environ.get(FAULT_ENV)
+def _parse(spec: str | None) -> tuple[str, str] | None:
     if not spec:
         return None
     phase, _, action = spec.partition(":")
     return phase, action or "kill"
+
+
+_active = _parse(os.environ.get(FAULT_ENV))
+"""The fault of this process, as (phase, action); None for none."""
+
+
+def _spec() -> tuple[str, str] | None:
+    return _active
 
 
 def arm() -> None:
@@ -60,19 +69,18 @@ def arm() -> None:
 
 def inject(spec: str) -> None:
     """QMP ``x-fault``: set (or with ``""`` clear) the fault of this process from now on."""
+    global _active
     if not spec:
         os.environ.pop(FAULT_ENV, None)
+        _active = None
         return
-    old = os.environ.get(FAULT_ENV)
-    os.environ[FAULT_ENV] = spec
+    old, _active = _active, _parse(spec)
     try:
         arm()
     except ValueError:
-        if old is None:
-            os.environ.pop(FAULT_ENV, None)
-        else:
-            os.environ[FAULT_ENV] = old
+        _active = old
         raise
+    os.environ[FAULT_ENV] = spec  # (a cpr-exec successor inherits it)
 
 
 def point(phase: str) -> None:
