@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import threading
 
 import pytest
 
-from cprfast.realtime import check_priority, end_inherited, realtime
+from cprfast.realtime import check_priority, end_inherited, realtime, switchover
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_SYS_NICE) to grant and drop SCHED_FIFO")
 
@@ -82,3 +83,21 @@ def test_end_inherited_ends_only_what_realtime_set() -> None:
         t.join()
     assert results == [(True, os.SCHED_OTHER), (False, os.SCHED_FIFO)]
     assert end_inherited() is False  # this thread runs normally
+
+
+def test_switchover_holds_the_garbage_collector() -> None:
+    """Inside: no collection (at no priority too); after: as before, even when the block raised."""
+    assert gc.isenabled()
+    with switchover(None):
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), switchover(None):
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with switchover(None):
+            pass
+        assert not gc.isenabled(), "a collector someone else held stays held"
+    finally:
+        gc.enable()

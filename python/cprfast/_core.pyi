@@ -20,8 +20,10 @@ __all__ = [
     "DirtyBitmap",
     "DirtySet",
     "ExecKeeper",
+    "frame_main",
     "KvmVm",
     "load_mapped",
+    "MainStreamParser",
     "mapped_file_size",
     "Observer",
     "ObserverReport",
@@ -380,3 +382,20 @@ def load_mapped(
 ) -> StreamStats: ...
 def mapped_file_size(region_size: int, page_size: int | None = None) -> int: ...
 def checksum(data: bytes) -> int: ...
+
+# --- the main stream's framing and parser (rust/py/src/mainstream.rs) ---
+
+def frame_main(
+    pieces: list[tuple[str, int, int, bytes] | str], *, header: bool = False, end: int | None = None
+) -> bytes: ...
+@final
+class MainStreamParser:
+    """Parses a main stream from the buffers it is fed; see ``cprfast.stream.read_stream``."""
+
+    def __new__(cls) -> MainStreamParser: ...
+    def parse(self, data: bytes) -> tuple[list[tuple[str, int, int, bytes] | str], int]: ...
+    @property
+    def need(self) -> int: ...
+    @property
+    def ended(self) -> bool: ...
+    def eof(self) -> None: ...

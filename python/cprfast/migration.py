@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from cprfast.errors import MigrationError
 from cprfast.notifiers import Dispatch, Notifiers
 from cprfast.policy import Blockers, MigrationCapabilities, MigrationParameters, check_channels, check_prepare
-from cprfast.realtime import realtime
+from cprfast.realtime import switchover
 from cprfast.status import MigMode, MigrationStatus, RunState, StatusCell
 
 if TYPE_CHECKING:
@@ -425,7 +425,7 @@ class MigrationState:
             prepare = getattr(driver, "prepare", None)
             if prepare is not None:
                 prepare(ctx)
-            with realtime(self.switchover_priority if mode.is_cpr else None):
+            with switchover(self.switchover_priority if mode.is_cpr else None):
                 if mode.is_cpr:
                     self._stop_vm_for_migration()
                 dispatch.setup()

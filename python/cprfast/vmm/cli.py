@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None, *, started_ns: int | None = None, deferr
 
     ``started_ns`` (CLOCK_MONOTONIC) is when the program began, the ``main`` mark of the timeline.
     ``deferred_site``: started by :func:`command` (``python -S``), so ``site`` runs after the launch.
+    No garbage collection runs until the machine is launched: a cpr-exec successor's guest is
+    paused until then, and a collection over the freshly imported modules would lengthen that.
     """
+    import gc
+
+    gc.disable()
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         from cprfast.vmm import fault
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None, *, started_ns: int | None = None, deferr
     except (CprError, OSError, ValueError) as e:
         sys.stderr.write(f"cprfast-vmm: {e}\n")
         return 1
+    finally:
+        gc.enable()
     if deferred_site:
         import site
 

@@ -174,7 +174,7 @@ def _predecessor_done(keeper: int | None) -> None:
 def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cpr: MigrationAddress) -> Machine:
     """cpr-transfer: RAM first (while the source runs), then device fds, then device state."""
     from cprfast.modes.transfer import TransferTarget
-    from cprfast.realtime import realtime
+    from cprfast.realtime import switchover
 
     if not defer and main is None:
         raise MigrationError("a cpr channel needs a main channel or -incoming defer")
@@ -186,7 +186,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         fault.point("ram-received")
         # Real-time from before our "W" (after which the source stops its guest) to our resume:
         # nothing on this CPU delays us between that answer and blocking for the device fds.
-        with realtime(None if defer else cfg.switchover_priority):
+        with switchover(None if defer else cfg.switchover_priority):
             target.ram_ready()
             lent = _LentCpus(None if defer else cfg.vcpu_cpus)  # (after "W": we only block until the source stopped)
             try:
@@ -194,9 +194,9 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
                 machine.timeline["devices-received"] = time.monotonic_ns()
                 if not defer:
                     machine.guest.expect_resume()  # the source's vCPU has stopped: its CPU is free
+                lent.give_back()  # (the rest is faster on our own CPU: the vCPU's is cold for us)
                 fault.point("fds-received")
                 machine.create_devices()
-                lent.give_back()  # (the rest waits for the source's device state anyway)
                 if defer:
                     machine.attach_migration(
                         "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
@@ -224,10 +224,10 @@ class _LentCpus:
     """A cpr-transfer target with pinned vCPUs, from its "W" to the resume: the thread doing the
     switchover may also run on the guest's own CPUs, which the paused guest leaves idle on both
     sides. Woken by the source's device fds while the source's thread still encodes the device
-    state on the emulator CPUs, it adopts them and creates the devices beside it instead of after
-    it. Lent after our "W", when we only block until the source has stopped its guest and sent
-    them, so it never takes a CPU from a running guest; :meth:`give_back` returns them before
-    we wait for the device state, so the vCPU thread has its CPU again well before it resumes."""
+    state on the emulator CPUs, it adopts them beside it instead of after it. Lent after our
+    "W", when we only block until the source has stopped its guest and sent them, so it never
+    takes a CPU from a running guest; :meth:`give_back` returns them once the fds are adopted,
+    so the vCPU thread has its CPU again well before it resumes."""
 
     def __init__(self, vcpu_cpus: tuple[int, ...] | None) -> None:
         self._own: set[int] | None = None

@@ -16,6 +16,7 @@ pub mod exec_keep;
 pub mod guest_threads;
 pub mod kvm;
 pub mod layout;
+pub mod mainstream;
 pub mod memfd;
 pub mod observe;
 pub mod pagestream;

@@ -7,6 +7,7 @@ mod errors;
 mod exec_keep;
 mod guest_threads;
 mod kvm;
+mod mainstream;
 mod memfd;
 mod observe;
 mod pagestream;
@@ -43,6 +44,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::kvm::{PyKvmVm, probe_kvm};
+
+    #[pymodule_export]
+    use crate::mainstream::{PyMainStreamParser, frame_main};
 
     #[pymodule_export]
     use crate::observe::{PyObserver, PyObserverReport};

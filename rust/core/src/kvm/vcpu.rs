@@ -695,16 +695,21 @@ mod tests {
         v.get::<Regs>(abi::KVM_GET_REGS, "KVM_GET_REGS").unwrap().rip
     }
 
-    #[test]
-    fn the_state_read_while_parking_is_the_state_and_never_stale() {
-        let Ok(vm) = Vm::create() else { return };
-        let vm = Arc::new(vm);
+    /// A fresh 64 MiB RAM with the guest booted on a new VM and beating (None without KVM).
+    fn booted() -> Option<(Region, Vcpu, u64)> {
+        let vm = Arc::new(Vm::create().ok()?);
         let r = Region::create("kvm-ram", 64 << 20, &CreateOptions::default()).unwrap();
         vm.set_memory(0, 0, r.mapping(), false).unwrap();
-        let vcpu = Vcpu::create(Arc::clone(&vm), 0).unwrap();
+        let vcpu = Vcpu::create(vm, 0).unwrap();
         vcpu.setup_guest(1 << 20, 8 << 20).unwrap();
         vcpu.start(None, false).unwrap();
-        let mut h = wait_beats(&r, 100);
+        let h = wait_beats(&r, 100);
+        Some((r, vcpu, h))
+    }
+
+    #[test]
+    fn the_state_read_while_parking_is_the_state_and_never_stale() {
+        let Some((r, vcpu, mut h)) = booted() else { return };
         let mut states = Vec::new();
         for _ in 0..3 {
             vcpu.pause(T).unwrap();
@@ -725,14 +730,7 @@ mod tests {
 
     #[test]
     fn warm_up_runs_beside_a_live_guest_and_writes_nothing() {
-        let Ok(vm) = Vm::create() else { return };
-        let vm = Arc::new(vm);
-        let r = Region::create("kvm-ram", 64 << 20, &CreateOptions::default()).unwrap();
-        vm.set_memory(0, 0, r.mapping(), false).unwrap();
-        let vcpu = Vcpu::create(Arc::clone(&vm), 0).unwrap();
-        vcpu.setup_guest(1 << 20, 8 << 20).unwrap();
-        vcpu.start(None, false).unwrap();
-        let h = wait_beats(&r, 100);
+        let Some((r, vcpu, h)) = booted() else { return };
 
         // A second VM on the same RAM warms up while the first one runs the guest.
         let vm2 = Arc::new(Vm::create().unwrap());
