@@ -24,6 +24,7 @@ __all__ = [
     "KvmVm",
     "load_mapped",
     "MainStreamParser",
+    "parse_cpr_state",
     "mapped_file_size",
     "Observer",
     "ObserverReport",
@@ -382,6 +383,12 @@ def load_mapped(
 ) -> StreamStats: ...
 def mapped_file_size(region_size: int, page_size: int | None = None) -> int: ...
 def checksum(data: bytes) -> int: ...
+
+# --- the CPR state parser (rust/py/src/cprstate.rs) ---
+
+def parse_cpr_state(
+    data: bytes, fds: int, *, inline_fds: bool, eof: bool, max_name: int, max_entries: int
+) -> tuple[list[tuple[bytes, int, int]], list[tuple[bytes, int, int, int]], int] | None: ...
 
 # --- the main stream's framing and parser (rust/py/src/mainstream.rs) ---
 

@@ -323,57 +323,25 @@ def encode(state: CprState, *, inline_fds: bool) -> tuple[bytes, list[int]]:
 
 
 class StreamReader:
-    """A cpr stream being read: bytes, plus the FIFO of fds that arrived with them.
+    """A cpr stream being read: bytes, plus the fds that arrived with them, in order.
 
-    The reader owns the fds in its FIFO. This base class reads from memory (a
-    byte string, or a memfd's contents); :class:`SocketStreamReader` fills itself
-    from a socket as the parser needs more.
+    The reader owns its fds until :func:`decode` adopts them. This base class
+    reads from memory (a byte string, or a memfd's contents);
+    :class:`SocketStreamReader` fills itself from a socket as the parser needs more.
     """
 
-    name = "cpr-in"
-
     def __init__(self, data: bytes = b"", fds: Iterable[int] = (), *, inline_fds: bool) -> None:
-        self._buf = bytearray(data)
-        self._pos = 0
-        self._dropped = 0  # bytes consumed and dropped from the buffer
-        self._fds: list[int] = list(fds)  # a list, not a deque: no collections import on the exec path
+        self.data = bytearray(data)
+        self.fds: list[int] = list(fds)
         self.inline_fds = inline_fds
         """True when fd fields are service bytes (cpr-transfer), False for numbers (cpr-exec)."""
+        self.ended = False
+        """No more input will come (set once :meth:`more` found none)."""
 
-    def _more(self) -> bool:
-        """Append more input to the buffer; False at end of input."""
+    def more(self) -> bool:
+        """Append more input; False (and :attr:`ended`) at the end of input."""
+        self.ended = True
         return False
-
-    def _have(self, n: int) -> bool:
-        while len(self._buf) - self._pos < n:
-            if not self._more():
-                return False
-        return True
-
-    def read(self, n: int, what: str) -> bytes:
-        """Exactly ``n`` bytes of ``what``, or a StreamError saying the stream is truncated."""
-        if not self._have(n):
-            left = len(self._buf) - self._pos
-            raise StreamError(
-                f"truncated cpr stream: {what} needs {n} bytes at offset {self._dropped + self._pos}, only {left} left"
-            )
-        out = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        return out
-
-    def peek(self) -> int | None:
-        """The next byte without consuming it, or None at end of input."""
-        return self._buf[self._pos] if self._have(1) else None
-
-    def pop_fd(self) -> int | None:
-        """The oldest fd received and not yet claimed (the caller owns it now)."""
-        return self._fds.pop(0) if self._fds else None
-
-    def take_unclaimed(self) -> list[int]:
-        """Every fd still in the FIFO (the caller owns them now)."""
-        fds = list(self._fds)
-        self._fds.clear()
-        return fds
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -388,10 +356,6 @@ def _sendmsg_fds(sock: socket.socket, data: bytes, fds: Sequence[int], timeout: 
     return _core.sendmsg_fds(sock.fileno(), data, fds, timeout=timeout)
 
 
-def _recvmsg_fds(sock: socket.socket, bufsize: int, max_fds: int, timeout: float | None) -> tuple[bytes, list[int]]:
-    return _core.recvmsg_fds(sock.fileno(), bufsize, max_fds, timeout=timeout)
-
-
 class SocketStreamReader(StreamReader):
     """A cpr stream arriving on a UNIX socket; fds are queued as they arrive.
 
@@ -404,108 +368,40 @@ class SocketStreamReader(StreamReader):
         self._sock = sock
         self._deadline = _deadline(timeout)
 
-    def _more(self) -> bool:
-        data, fds = _recvmsg_fds(self._sock, _RECV_BUFSIZE, SCM_MAX_FD, _remaining(self._deadline))
-        self._fds.extend(fds)
-        if self._pos:  # drop what the parser consumed
-            del self._buf[: self._pos]
-            self._dropped += self._pos
-            self._pos = 0
-        self._buf += data
+    def more(self) -> bool:
+        data, fds = _core.recvmsg_fds(self._sock.fileno(), _RECV_BUFSIZE, SCM_MAX_FD, timeout=_remaining(self._deadline))
+        self.fds.extend(fds)
+        self.data += data
+        if not data:
+            self.ended = True
         return bool(data)
 
 
-def _u32(r: StreamReader, what: str) -> int:
-    value: int = struct.unpack(">I", r.read(4, what))[0]
-    return value
-
-
-def _s32(r: StreamReader, what: str) -> int:
-    value: int = struct.unpack(">i", r.read(4, what))[0]
-    return value
-
-
-def _next_entry(r: StreamReader, what: str, count: int) -> bool:
-    """Read a QLIST marker: True for another element, False at the end."""
-    marker = r.read(1, f"{what} marker")[0]
-    if marker == 0:
-        return False
-    if marker != 1:
-        raise StreamError(f"bad {what} marker {marker:#04x} (expected 0x00 or 0x01)")
-    if count >= MAX_ENTRIES:
-        raise StreamError(f"{what} has more than {MAX_ENTRIES} entries")
-    return True
-
-
-def _name(r: StreamReader, what: str) -> str:
-    n = _u32(r, f"{what} name length")
-    if not 1 <= n <= MAX_NAME_LEN:
-        raise StreamError(f"{what} name length {n} is out of range (1..{MAX_NAME_LEN})")
-    raw = r.read(n, f"{what} name")
-    if raw[-1] != 0:
-        raise StreamError(f"{what} name is not NUL-terminated")
-    if 0 in raw[:-1]:
-        raise StreamError(f"{what} name has a NUL byte inside")
-    return raw[:-1].decode("utf-8", "surrogateescape")
-
-
-def _fd_field(r: StreamReader, name: str, id: int, owned: list[int], numbers: set[int]) -> int:
-    """Read one fd field; fds we must close on failure are appended to ``owned``."""
-    if r.inline_fds:
-        byte = r.read(1, "service byte")[0]
-        if byte != _SERVICE_BYTE:
-            shown = chr(byte) if 0x20 < byte < 0x7F else "?"
-            raise StreamError(f"{r.name} unexpected service byte: {byte}({shown})")
-        fd = r.pop_fd()
-        if fd is None:
-            raise StreamError(f"{r.name} no FD come with service byte")
-        owned.append(fd)
-        return fd
-    number = _s32(r, "fd number")
-    try:
-        fcntl.fcntl(number, fcntl.F_GETFD)
-    except (OSError, ValueError):  # ValueError: a negative number
-        raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
-    if number in numbers:
-        # QEMU lets two keys share one number; we give each key its own fd to own.
+def _adopt_numbers(raw: list[tuple[str, int, int]], owned: list[int]) -> list[tuple[str, int, int]]:
+    """cpr-exec: check that each named fd is open here; a number named twice is duplicated
+    so each key owns its own fd (QEMU lets two keys share one). Dups go to ``owned``."""
+    numbers: set[int] = set()
+    out = []
+    for name, id, number in raw:
         try:
-            dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
-        except OSError as e:  # EMFILE: a stream naming one fd more times than we may open fds
-            raise StreamError(f"cpr fd '{name}' id {id}: cannot duplicate fd {number}: {e.strerror}") from None
-        owned.append(dup)
-        numbers.add(dup)  # a later entry naming this number gets its own fd too
-        return dup
-    numbers.add(number)
-    return number
-
-
-def _vfio_subsection(r: StreamReader, devices: list[VfioDevice]) -> None:
-    """Read one subsection (its 0x05 already consumed)."""
-    idstr = r.read(r.read(1, "subsection name length")[0], "subsection name").decode("utf-8", "replace")
-    if idstr != VFIO_SUBSECTION:
-        raise StreamError(f"VM subsection '{idstr}' in 'CprState' does not exist")
-    version = _s32(r, "subsection version")
-    if version > VFIO_SUBSECTION_VERSION:
-        raise StreamError(
-            f"{VFIO_SUBSECTION}: incoming version_id {version} is too new for local version_id {VFIO_SUBSECTION_VERSION}"
-        )
-    if version < VFIO_SUBSECTION_VERSION:
-        raise StreamError(
-            f"{VFIO_SUBSECTION}: incoming version_id {version} is too old "
-            f"for local minimum_version_id {VFIO_SUBSECTION_VERSION}"
-        )
-    if r.peek() is None:
-        return  # a QEMU built without iommufd writes the subsection with no fields
-    while _next_entry(r, "cpr vfio device list", len(devices)):
-        name = _name(r, "cpr vfio device")
-        devid = _s32(r, "vfio devid")
-        ioas_id = _u32(r, "vfio ioas_id")
-        hwpt_id = _u32(r, "vfio hwpt_id")
-        devices.append(VfioDevice(name, devid, ioas_id, hwpt_id))
+            fcntl.fcntl(number, fcntl.F_GETFD)
+        except (OSError, ValueError):  # ValueError: a negative number
+            raise StreamError(f"cpr fd '{name}' id {id}: fd {number} is not open in this process") from None
+        if number in numbers:
+            try:
+                dup = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError as e:  # EMFILE: a stream naming one fd more times than we may open fds
+                raise StreamError(f"cpr fd '{name}' id {id}: cannot duplicate fd {number}: {e.strerror}") from None
+            owned.append(dup)
+            numbers.add(dup)  # a later entry naming this number gets its own fd too
+            number = dup
+        numbers.add(number)
+        out.append((name, id, number))
+    return out
 
 
 def decode(reader: StreamReader) -> CprState:
-    """Parse a cpr stream into a new :class:`CprState` that owns its fds.
+    """Parse a cpr stream (``rust/core/src/cprstate.rs``) into a new :class:`CprState` that owns its fds.
 
     Any error raises :class:`StreamError` (socket readers may also raise OSError
     or TimeoutError) after closing every fd received so far. In number mode the
@@ -514,32 +410,35 @@ def decode(reader: StreamReader) -> CprState:
     owns its own fd. Received fds nobody claimed are closed with a warning.
     """
     owned: list[int] = []
-    entries: list[tuple[str, int, int]] = []
-    devices: list[VfioDevice] = []
     try:
-        magic = _u32(reader, "magic")
-        if magic != MAGIC:
-            raise StreamError(f"Not a migration stream (bad magic {magic:x})")
-        version = _s32(reader, "version")
-        if version != VERSION:
-            raise StreamError(f"Unsupported migration stream version {version}")
-        keys: set[tuple[str, int]] = set()
-        numbers: set[int] = set()
-        while _next_entry(reader, "cpr fd list", len(entries)):
-            name = _name(reader, "cpr fd")
-            id = _s32(reader, "cpr fd id")
-            if (name, id) in keys:
-                raise StreamError(f"cpr fd '{name}' id {id} appears twice in the stream")
-            keys.add((name, id))
-            entries.append((name, id, _fd_field(reader, name, id, owned, numbers)))
-        while reader.peek() == _SUBSECTION:
-            reader.read(1, "subsection marker")
-            _vfio_subsection(reader, devices)
+        while True:
+            parsed = _core.parse_cpr_state(
+                bytes(reader.data),
+                len(reader.fds),
+                inline_fds=reader.inline_fds,
+                eof=reader.ended,
+                max_name=MAX_NAME_LEN,
+                max_entries=MAX_ENTRIES,
+            )
+            if parsed is not None:
+                break
+            reader.more()
+        raw_entries, raw_vfio, _ = parsed
+        named = [(raw.decode("utf-8", "surrogateescape"), id, fd) for raw, id, fd in raw_entries]
+        if reader.inline_fds:
+            entries = [(name, id, reader.fds[index]) for name, id, index in named]
+            claimed = {index for _, _, index in named}
+            unclaimed = [fd for i, fd in enumerate(reader.fds) if i not in claimed]
+        else:
+            entries, unclaimed = _adopt_numbers(named, owned), list(reader.fds)
+        devices = [VfioDevice(raw.decode("utf-8", "surrogateescape"), *ids) for raw, *ids in raw_vfio]
     except BaseException:
-        for fd in owned + reader.take_unclaimed():
+        for fd in owned + reader.fds:
             os.close(fd)
+        reader.fds.clear()
         raise
-    for fd in reader.take_unclaimed():
+    reader.fds.clear()
+    for fd in unclaimed:
         _log().warning("received fd %d was never claimed", fd)
         os.close(fd)
     state = CprState()

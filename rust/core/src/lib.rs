@@ -10,6 +10,7 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("cprfast-core supports 64-bit Linux only");
 
+pub mod cprstate;
 pub mod dirty;
 pub mod error;
 pub mod exec_keep;

@@ -2,6 +2,7 @@
 //! module; each method extracts its arguments, releases the GIL around the
 //! core call, and converts the result. All error mapping is in `errors.rs`.
 
+mod cprstate;
 mod dirty;
 mod errors;
 mod exec_keep;
@@ -47,6 +48,9 @@ mod _core {
 
     #[pymodule_export]
     use crate::mainstream::{PyMainStreamParser, frame_main};
+
+    #[pymodule_export]
+    use crate::cprstate::parse_cpr_state;
 
     #[pymodule_export]
     use crate::observe::{PyObserver, PyObserverReport};
