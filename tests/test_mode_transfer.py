@@ -135,8 +135,8 @@ def test_transfer_at_switchover_priority(tmp_path: Path) -> None:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs at least two CPUs")
 @pytest.mark.parametrize("guest", guest_kinds())
 def test_transfer_with_pinned_vcpus(tmp_path: Path, guest: str) -> None:
-    """--vcpu-cpus on both sides: the target's switchover thread may borrow the paused guest's CPU,
-    and gives it back: afterwards only the guest's thread runs there, as before the update."""
+    """--vcpu-cpus on both sides: the target's guest thread runs on the guest's CPU and every
+    other thread elsewhere, as on the source (the switchover's real-time work stays off it)."""
     cpus = sorted(os.sched_getaffinity(0))
     pin = ("--vcpu-cpus", str(cpus[-1]))
     with vmms() as procs:

@@ -188,27 +188,22 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         # nothing on this CPU delays us between that answer and blocking for the device fds.
         with switchover(None if defer else cfg.switchover_priority):
             target.ram_ready()
-            lent = _LentCpus(None if defer else cfg.vcpu_cpus)  # (after "W": we only block until the source stopped)
-            try:
-                target.receive_devices(machine.cpr)
-                machine.timeline["devices-received"] = time.monotonic_ns()
-                if not defer:
-                    machine.guest.expect_resume()  # the source's vCPU has stopped: its CPU is free
-                lent.give_back()  # (the rest is faster on our own CPU: the vCPU's is cold for us)
-                fault.point("fds-received")
-                machine.create_devices()
-                if defer:
-                    machine.attach_migration(
-                        "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
-                    )
-                    return machine
-                run_state = target.load(None, machine.devices)
-                machine.timeline["loaded"] = time.monotonic_ns()
-                fault.point("loaded")
-                target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
-                machine.resume_loaded(run_state)
-            finally:
-                lent.give_back()
+            target.receive_devices(machine.cpr)
+            machine.timeline["devices-received"] = time.monotonic_ns()
+            if not defer:
+                machine.guest.expect_resume()  # the source's vCPU has stopped: its CPU is free
+            fault.point("fds-received")
+            machine.create_devices()
+            if defer:
+                machine.attach_migration(
+                    "inmigrate", incoming=True, incoming_mode="cpr-transfer", transfer_target=target
+                )
+                return machine
+            run_state = target.load(None, machine.devices)
+            machine.timeline["loaded"] = time.monotonic_ns()
+            fault.point("loaded")
+            target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there
+            machine.resume_loaded(run_state)
         target.close()
         machine.attach_migration(run_state)
         machine.incoming_done()
@@ -219,25 +214,3 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
         raise
     return machine
 
-
-class _LentCpus:
-    """A cpr-transfer target with pinned vCPUs, from its "W" to the resume: the thread doing the
-    switchover may also run on the guest's own CPUs, which the paused guest leaves idle on both
-    sides. Woken by the source's device fds while the source's thread still encodes the device
-    state on the emulator CPUs, it adopts them beside it instead of after it. Lent after our
-    "W", when we only block until the source has stopped its guest and sent them, so it never
-    takes a CPU from a running guest; :meth:`give_back` returns them once the fds are adopted,
-    so the vCPU thread has its CPU again well before it resumes."""
-
-    def __init__(self, vcpu_cpus: tuple[int, ...] | None) -> None:
-        self._own: set[int] | None = None
-        if vcpu_cpus:
-            own = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, own | set(vcpu_cpus))
-            self._own = own
-
-    def give_back(self) -> None:
-        """Back to the emulator CPUs (idempotent)."""
-        own, self._own = self._own, None
-        if own is not None:
-            os.sched_setaffinity(0, own)
