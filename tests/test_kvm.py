@@ -126,6 +126,32 @@ def test_state_hands_over_to_a_second_vm_in_process(ram: _core.Region) -> None:
         assert len(again) == len(state)
 
 
+def test_a_target_warms_up_beside_the_running_guest(ram: _core.Region) -> None:
+    """The reference VMM's target guest warms its new VM up while the source still runs the guest;
+    the guest neither stalls nor changes for it, and continues in the warmed VM."""
+    from cprfast.vmm.guest import Guest
+
+    vm1 = boot(ram)
+    try:
+        wait_until(lambda: u64(ram, HEARTBEAT) > 1000, "heartbeat")
+        target = Guest("kvm", ram, 16 << 20, fresh=False, warm_up=True)
+        cold = Guest("kvm", ram, 16 << 20, fresh=False)
+        assert (target.warmed, cold.warmed) == (True, False)
+        beat = u64(ram, HEARTBEAT)
+        wait_until(lambda: u64(ram, HEARTBEAT) > beat + 1000, "the source guest beating on")
+        assert vm1.exit_reason is None
+        vm1.pause()
+        frozen = u64(ram, HEARTBEAT)
+        target.load_state(vm1.save_state(), 1)
+    finally:
+        vm1.close()
+    cold.close()
+    target.resume()
+    wait_until(lambda: u64(ram, HEARTBEAT) > frozen + 1000, "heartbeat in the warmed VM")
+    target.pause()
+    target.close()
+
+
 CHILD = r"""
 import json, os, struct, sys, time
 from cprfast import _core

@@ -53,11 +53,22 @@ class Guest:
     otherwise the guest waits for :meth:`load_state` from the previous process,
     whose RAM it shares. All memory setup (KVM memory slot, vCPU creation) is
     done here, so it can happen before the source guest stops. ``cpus`` pins
-    the vCPU (or guest) thread from its start.
+    the vCPU (or guest) thread from its start. ``warm_up`` (with ``fresh``
+    False, for a target whose source still runs the guest): build the new KVM
+    VM's mappings now (:meth:`cprfast._core.KvmVm.warm_up`), so the guest's
+    first instructions after the resume do not wait for them. A cpr-exec
+    successor has no use for it: its guest is paused either way.
     """
 
     def __init__(
-        self, kind: GuestKind, region: _core.Region, hot_len: int, *, fresh: bool, cpus: tuple[int, ...] | None = None
+        self,
+        kind: GuestKind,
+        region: _core.Region,
+        hot_len: int,
+        *,
+        fresh: bool,
+        cpus: tuple[int, ...] | None = None,
+        warm_up: bool = False,
     ) -> None:
         self.kind: GuestKind = kind
         self.region = region
@@ -76,7 +87,8 @@ class Guest:
                 if fresh:
                     vm.setup_guest(HOT_START, hot_len)
                 else:  # the vCPU thread waits, parked, for the predecessor's state: not spawned in the pause
-                    self.warmed = vm.warm_up()  # only reads RAM: safe while the source runs the guest
+                    if warm_up:  # only reads RAM: safe while the source runs the guest
+                        self.warmed = vm.warm_up()
                     vm.start(cpus, paused=True)
                     self._started = True
             except BaseException:

@@ -93,9 +93,11 @@ def launch(cfg: Config, started_ns: int | None = None) -> Machine:
     return machine
 
 
-def _adopt(cfg: Config, state: CprState) -> Machine:
+def _adopt(cfg: Config, state: CprState, *, warm_up: bool = False) -> Machine:
     try:
-        return Machine(cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, cpr=state, vcpu_cpus=cfg.vcpu_cpus)
+        return Machine(
+            cfg.ram_size, hot_size=cfg.hot_size, guest=cfg.guest, cpr=state, vcpu_cpus=cfg.vcpu_cpus, warm_up=warm_up
+        )
     except BaseException:
         state.close()
         raise
@@ -182,7 +184,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
     machine: Machine | None = None
     try:
         fault.point("cpr-accept")
-        machine = _adopt(cfg, target.receive_ram())
+        machine = _adopt(cfg, target.receive_ram(), warm_up=True)
         fault.point("ram-received")
         # Real-time from before our "W" (after which the source stops its guest) to our resume:
         # nothing on this CPU delays us between that answer and blocking for the device fds.

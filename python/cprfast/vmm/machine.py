@@ -74,6 +74,7 @@ class Machine:
         guest: str = "auto",
         cpr: CprState | None = None,
         vcpu_cpus: tuple[int, ...] | None = None,
+        warm_up: bool = False,
     ) -> None:
         self.cpr = cpr if cpr is not None else CprState()
         self.incoming = cpr is not None
@@ -88,7 +89,9 @@ class Machine:
         else:
             self.region = _core.Region.adopt(fd, ram_size, name=RAM_NAME)
         try:
-            self.guest = Guest(resolve_kind(guest), self.region, hot_size, fresh=fd is None, cpus=vcpu_cpus)
+            self.guest = Guest(
+                resolve_kind(guest), self.region, hot_size, fresh=fd is None, cpus=vcpu_cpus, warm_up=warm_up
+            )
         except BaseException:
             self.region.close()
             raise
