@@ -4,7 +4,9 @@
 //! encodes it and drives this parser.
 //!
 //! Native because a cpr-transfer target parses the device fds' state inside the
-//! guest's pause, and the interpreter took 0.25 ms (cold) for two fds.
+//! guest's pause: a two-fd state decodes in 7–11 µs instead of the interpreted
+//! parser's 27 µs (hot; on a cold cache 100–119 µs against 117–138 µs, where
+//! building the Python objects around it dominates).
 //!
 //! The parser is pure: it reads bytes, and says which received fd (by its
 //! position in the order they arrived) or which fd number each entry names;

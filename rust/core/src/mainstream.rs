@@ -5,8 +5,10 @@
 //!
 //! Framing and parsing are native because a CPR switchover frames and parses
 //! a device stream inside the guest's pause: one call per side instead of a
-//! few dozen interpreter steps, each of which costs tens of microseconds on a
-//! cold cache.
+//! few dozen interpreter steps. For the reference VMM's three sections the
+//! interpreted writer took 6–9 µs and the reader 17–27 µs hot, these 3–5 and
+//! 5–7; on a cold cache, where everything around them costs more, 95–121 →
+//! 79–98 µs and 164–219 → 139–141 µs.
 
 use std::ops::Range;
 
