@@ -23,6 +23,13 @@ __all__ = [
     "frame_main",
     "KvmVm",
     "load_mapped",
+    "MAIN_KIND_DEVICE",
+    "MAIN_KIND_END",
+    "MAIN_KIND_RAM",
+    "MAIN_MAGIC",
+    "MAIN_MAX_NAME",
+    "MAIN_MAX_SECTION",
+    "MAIN_VERSION",
     "MainStreamParser",
     "parse_cpr_state",
     "mapped_file_size",
@@ -391,6 +398,15 @@ def parse_cpr_state(
 ) -> tuple[list[tuple[bytes, int, int]], list[tuple[bytes, int, int, int]], int] | None: ...
 
 # --- the main stream's framing and parser (rust/py/src/mainstream.rs) ---
+
+MAIN_MAGIC: Final[bytes]
+MAIN_VERSION: Final[int]
+MAIN_KIND_DEVICE: Final[int]
+MAIN_KIND_RAM: Final[int]
+MAIN_KIND_END: Final[int]
+MAIN_MAX_NAME: Final[int]
+MAIN_MAX_SECTION: Final[int]
+
 
 def frame_main(
     pieces: list[tuple[str, int, int, bytes] | str], *, header: bool = False, end: int | None = None

@@ -27,14 +27,14 @@ TYPE_CHECKING = False  # no collections.abc at run time: a cpr-exec successor re
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-MAGIC = b"CPRFMAIN"
-VERSION = 1
-KIND_DEVICE = 1
-KIND_RAM = 2
-KIND_END = 0xFF
-MAX_NAME = 256
-MAX_SECTION = 256 << 20
-"""(The framing and the parser are ``rust/core/src/mainstream.rs``; these name its constants.)"""
+# The framing and the parser are rust/core/src/mainstream.rs; these are its constants.
+MAGIC = _core.MAIN_MAGIC
+VERSION = _core.MAIN_VERSION
+KIND_DEVICE = _core.MAIN_KIND_DEVICE
+KIND_RAM = _core.MAIN_KIND_RAM
+KIND_END = _core.MAIN_KIND_END
+MAX_NAME = _core.MAIN_MAX_NAME
+MAX_SECTION = _core.MAIN_MAX_SECTION
 
 _READ_AHEAD = 1 << 16
 _MAX_READ = 1 << 20

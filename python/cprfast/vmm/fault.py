@@ -49,13 +49,9 @@ _active = _parse(os.environ.get(FAULT_ENV))
 """The fault of this process, as (phase, action); None for none."""
 
 
-def _spec() -> tuple[str, str] | None:
-    return _active
-
-
 def arm() -> None:
     """At start-up, in the main thread: check the variable and install the SIGUSR1 release for ``hold``."""
-    spec = _spec()
+    spec = _active
     if spec is None:
         return
     phase, action = spec
@@ -85,7 +81,7 @@ def inject(spec: str) -> None:
 
 def point(phase: str) -> None:
     """The VMM reached ``phase``: act if the variable names it."""
-    spec = _spec()
+    spec = _active
     if spec is None or spec[0] != phase:
         return
     action = spec[1]

@@ -49,6 +49,22 @@ mod _core {
     #[pymodule_export]
     use crate::mainstream::{PyMainStreamParser, frame_main};
 
+    /// The main stream's constants (``cprfast.stream`` names them).
+    #[pymodule_export]
+    const MAIN_MAGIC: &[u8] = &cprfast_core::mainstream::MAGIC;
+    #[pymodule_export]
+    const MAIN_VERSION: u32 = cprfast_core::mainstream::VERSION;
+    #[pymodule_export]
+    const MAIN_KIND_DEVICE: u8 = cprfast_core::mainstream::KIND_DEVICE;
+    #[pymodule_export]
+    const MAIN_KIND_RAM: u8 = cprfast_core::mainstream::KIND_RAM;
+    #[pymodule_export]
+    const MAIN_KIND_END: u8 = cprfast_core::mainstream::KIND_END;
+    #[pymodule_export]
+    const MAIN_MAX_NAME: usize = cprfast_core::mainstream::MAX_NAME;
+    #[pymodule_export]
+    const MAIN_MAX_SECTION: u64 = cprfast_core::mainstream::MAX_SECTION;
+
     #[pymodule_export]
     use crate::cprstate::parse_cpr_state;
 
