@@ -192,7 +192,10 @@ class TransferDriver:
             if main is None:
                 wait_hup(out.devices_sock)
                 main = out.main = out.connect(ctx.channels[ChannelType.MAIN], ctx, "main channel")
-            main.sendall(stream)
+            try:
+                main.sendall(stream)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the target died holding the fds: it never answers K, and run() reports that
         except OSError as e:
             ctx.check_cancelled()
             raise MigrationError(f"cpr-transfer: sending device state failed: {e}") from e
