@@ -39,8 +39,8 @@ from typing import Any, Literal
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from cprfast._core import Observer, ObserverReport
-from cprfast.demo import pin_vcpu, start_observer
+from cprfast._core import Observer
+from cprfast.demo import pin_vcpu, stall_overlapping, start_observer
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
             os.sched_setaffinity(0, affinity)
         ram_info = info.get("ram", {})
         return Run(
-            pause_ms=_stall_overlapping(report, t0, t1) / 1e6,
+            pause_ms=stall_overlapping(report, t0, t1) / 1e6,
             baseline_stall_ms=baseline / 1e6,
             max_stall_ms=report.max_stall_ns / 1e6,
             wall_ms=(t1 - t0) / 1e6,
@@ -404,15 +404,6 @@ def run_once(mode: Mode, image: Path, ram: int, hot_len: int, accel: str, settle
             observer_max_sample_gap_ms=report.max_sample_gap_ns / 1e6,
             observer_realtime=realtime,
         )
-
-
-def _stall_overlapping(report: ObserverReport, start_ns: int, end_ns: int) -> int:
-    """The longest kept stall overlapping ``[start_ns, end_ns]`` of CLOCK_MONOTONIC."""
-    lo, hi = start_ns - report.started_at_ns, end_ns - report.started_at_ns
-    gaps = [length for at, length in report.gaps_over(0) if at < hi and at + length > lo]
-    if not gaps:
-        raise RuntimeError("the observer kept no stall overlapping the migration")
-    return max(gaps)
 
 
 def _follow_to_target(src: Qemu, src_fd: int, dst_fd: int, observer: Observer, dst_memfd: str) -> None:

@@ -8,9 +8,10 @@ is driven over QMP, as a management tool drives QEMU.
 
 What each step reports, measured here and not taken from the VMM's word:
 
-- **guest pause**: the longest stall of the guest's heartbeat, seen by a native
-  :class:`cprfast._core.Observer` mapping the guest-RAM memfd through
-  ``/proc/PID/fd/N``. When RAM moves to a new memfd (normal, cpr-reboot), a
+- **guest pause**: the longest stall of the guest's heartbeat overlapping the
+  update (from ``migrate`` until the new process answers QMP with its guest
+  running), seen by a native :class:`cprfast._core.Observer` mapping the
+  guest-RAM memfd through ``/proc/PID/fd/N``. When RAM moves to a new memfd (normal, cpr-reboot), a
   follower thread retargets the observer once the target's heartbeat has
   passed the source's (only a running target guest can do that).
 - **memory identical**: a fingerprint of every page the guest does not write
@@ -123,7 +124,9 @@ class StepResult:
     pid_before: int
     pid_after: int
     pause_ms: float
-    """Longest heartbeat stall the observer saw (the guest pause users feel)."""
+    """Longest heartbeat stall the observer saw overlapping the update, from ``migrate`` until the
+    new process answers QMP with its guest running (the guest pause users feel; QEMU's runner
+    measures QEMU by the same rule)."""
     baseline_ms: float
     """The longest stall over 1 s of the same guest with no update (this machine's noise floor)."""
     blind_ms: float
@@ -246,6 +249,16 @@ class Vmm:
         info: dict[str, Any] = self.cmd("x-query-guest")
         return info
 
+    def wait_listening(self, path: Path) -> None:
+        """Wait until this process listens on the UNIX socket ``path`` (it exists)."""
+        deadline = time.monotonic() + TIMEOUT
+        while not path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the VMM exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the VMM did not listen on {path}:\n{self.log_tail()}")
+            time.sleep(0.002)
+
     def ram_path(self) -> str:
         """The guest-RAM memfd as a path any process can open."""
         return f"/proc/{self.pid}/fd/{self.guest()['ram']['fd']}"
@@ -338,15 +351,15 @@ def _heartbeat(path: str) -> int:
         os.close(fd)
 
 
-def _pause_in(report: _core.ObserverReport, since_ns: int) -> int:
-    """The longest stall that ends after ``since_ns`` (from the observer's start): the one the
-    update caused, not a hiccup while the observer itself started. Falls back to the
-    shortest stall the report kept (an upper bound) if none of its longest stalls qualifies."""
-    gaps = report.gaps_over(0)
-    late = [length for at, length in gaps if at + length > since_ns]
-    if late:
-        return max(late)
-    return min((length for _, length in gaps), default=report.max_stall_ns)
+def stall_overlapping(report: _core.ObserverReport, start_ns: int, end_ns: int) -> int:
+    """The longest stall the observer kept that overlaps ``[start_ns, end_ns]`` (CLOCK_MONOTONIC):
+    the update's pause, from ``migrate`` until the new process runs the guest. A host stall
+    inside that span counts; one before ``migrate`` or after the guest runs on does not."""
+    lo, hi = start_ns - report.started_at_ns, end_ns - report.started_at_ns
+    gaps = [length for at, length in report.gaps_over(0) if at < hi and at + length > lo]
+    if not gaps:
+        raise RuntimeError("the observer kept no stall overlapping the update")
+    return max(gaps)
 
 
 class _Follower:
@@ -525,13 +538,13 @@ class LiveGuest:
         observer = self.observer(src_ram)
         try:
             time.sleep(0.01)
-            window = time.monotonic_ns()
             step = getattr(self, "_" + mode.replace("-", "_"))
             dst, extra = step(src, src_ram, observer)
             time.sleep(0.02)  # the heartbeat moves on in the new process: the stall is closed
         finally:
             report = observer.stop()
-        pause_ns = _pause_in(report, window - report.started_at_ns)
+        start_ns, end_ns = extra["window"]
+        pause_ns = stall_overlapping(report, start_ns, end_ns)
         after = dst.guest()
         dst_ram = f"/proc/{dst.pid}/fd/{after['ram']['fd']}"
         identical = self._cold is not None and np.array_equal(fingerprint(dst_ram, self.mem, self.hot), self._cold)
@@ -562,7 +575,7 @@ class LiveGuest:
             pause_ms=pause_ns / 1e6,
             baseline_ms=self.baseline_ms,
             blind_ms=report.max_sample_gap_ns / 1e6,
-            total_ms=extra["total_ms"],
+            total_ms=(end_ns - start_ns) / 1e6,
             downtime_ms=extra.get("downtime"),
             bytes_moved=extra["bytes"],
             memory_identical=identical,
@@ -580,10 +593,11 @@ class LiveGuest:
 
     # ------------------------------------------------------------------ one method per mode
 
-    def _ready(self, dst: Vmm, start: float) -> float:
-        """Wait until the new process answers QMP with its guest running; returns the total in ms."""
+    def _ready(self, dst: Vmm, start_ns: int) -> tuple[int, int]:
+        """Wait until the new process answers QMP with its guest running; returns the update's
+        window: ``(start_ns, now)``."""
         _wait(lambda: dst.cmd("query-status")["status"] == "running", "the new process to run the guest")
-        return (time.monotonic() - start) * 1e3
+        return start_ns, time.monotonic_ns()
 
     def _cpr_transfer(self, src: Vmm, src_ram: str, observer: _core.Observer) -> tuple[Vmm, dict[str, Any]]:
         n = self._generation + 1
@@ -601,12 +615,12 @@ class LiveGuest:
         finally:
             listener.close()
         cpr["addr"] = {"transport": "socket", "type": "unix", "path": str(cpr_path)}
-        start = time.monotonic()
+        dst.wait_listening(main_path)  # as QEMU's runner waits for its target: start-up is not the update
+        start = time.monotonic_ns()
         src.cmd("migrate", channels=[main, cpr])
         info = _completed(src, "cpr-transfer")
-        total = self._ready(dst, start)
         return dst, {
-            "total_ms": total,
+            "window": self._ready(dst, start),
             "bytes": info.get("ram", {}).get("transferred", 0),
             "downtime": info.get("downtime"),
             "heartbeat-at-stop": src.guest()["heartbeat-at-stop"],
@@ -617,16 +631,16 @@ class LiveGuest:
         self._generation += 1
         argv = src.argv(self._generation, "-incoming", f"file:{main}")
         src.cmd("migrate-set-parameters", **{"cpr-exec-command": argv})
-        start = time.monotonic()
+        start = time.monotonic_ns()
         with _swallow():  # the reply may be lost: the process exec's its successor
             src.cmd("migrate", uri=f"file:{main}")
         src.reconnect(self._generation)
-        total = self._ready(src, start)
+        window = self._ready(src, start)
         if src.guest()["pid"] != src.pid:
             raise RuntimeError(f"cpr-exec: the successor does not run as pid {src.pid}")
         size = main.stat().st_size
         main.unlink()
-        return src, {"total_ms": total, "bytes": size}
+        return src, {"window": window, "bytes": size}
 
     def _cpr_reboot(self, src: Vmm, src_ram: str, observer: _core.Observer) -> tuple[Vmm, dict[str, Any]]:
         save = self.workdir / "reboot.save"
@@ -634,19 +648,19 @@ class LiveGuest:
         dst.cmd("migrate-set-parameters", mode="cpr-reboot")
         follower = _Follower(observer, src_ram, dst.ram_path())
         try:
-            start = time.monotonic()
+            start = time.monotonic_ns()
             src.cmd("migrate", uri=f"file:{save}")
             info = _completed(src, "cpr-reboot save")
             dst.cmd("migrate-incoming", uri=f"file:{save}")
             _completed(dst, "cpr-reboot restore")
-            total = self._ready(dst, start)
+            window = self._ready(dst, start)
             follower.wait(TIMEOUT)
         finally:
             follower.stop()
         size = save.stat().st_blocks * 512
         save.unlink()
         stopped = src.guest()["heartbeat-at-stop"]
-        return dst, {"total_ms": total, "bytes": size, "downtime": info.get("downtime"), "heartbeat-at-stop": stopped}
+        return dst, {"window": window, "bytes": size, "downtime": info.get("downtime"), "heartbeat-at-stop": stopped}
 
     def _normal(self, src: Vmm, src_ram: str, observer: _core.Observer) -> tuple[Vmm, dict[str, Any]]:
         uri = f"unix:{self.workdir / f'migrate-{self._generation + 1}.sock'}"
@@ -655,15 +669,15 @@ class LiveGuest:
         dst = self._start("-incoming", uri)
         follower = _Follower(observer, src_ram, dst.ram_path())
         try:
-            start = time.monotonic()
+            start = time.monotonic_ns()
             src.cmd("migrate", uri=uri)
             info = _completed(src, "normal migration")
-            total = self._ready(dst, start)
+            window = self._ready(dst, start)
             follower.wait(TIMEOUT)
         finally:
             follower.stop()
         return dst, {
-            "total_ms": total,
+            "window": window,
             "bytes": info["ram"]["transferred"],
             "downtime": info.get("downtime"),
             "heartbeat-at-stop": src.guest()["heartbeat-at-stop"],
