@@ -128,7 +128,8 @@ def test_state_hands_over_to_a_second_vm_in_process(ram: _core.Region) -> None:
 
 def test_a_target_warms_up_beside_the_running_guest(ram: _core.Region) -> None:
     """The reference VMM's target guest warms its new VM up while the source still runs the guest;
-    the guest neither stalls nor changes for it, and continues in the warmed VM."""
+    the guest neither stalls nor changes for it, and continues in the warmed VM. As in a
+    cpr-transfer target, its vCPU thread spins for the resume and loads the state itself."""
     from cprfast.vmm.guest import Guest
 
     vm1 = boot(ram)
@@ -142,7 +143,10 @@ def test_a_target_warms_up_beside_the_running_guest(ram: _core.Region) -> None:
         assert vm1.exit_reason is None
         vm1.pause()
         frozen = u64(ram, HEARTBEAT)
+        target.expect_resume()
         target.load_state(vm1.save_state(), 1)
+        target.wait_loaded()
+        assert u64(ram, HEARTBEAT) == frozen
     finally:
         vm1.close()
     cold.close()

@@ -157,8 +157,16 @@ class Guest:
         return bytes(self._impl().save_state())
 
     def load_state(self, data: bytes, version: int) -> None:
-        """Adopt the predecessor's vCPU state; the guest must not run yet."""
+        """Adopt the predecessor's vCPU state; the guest must not run yet. After
+        :meth:`expect_resume` the vCPU thread loads it on its own CPU while the caller goes
+        on: :meth:`wait_loaded` tells how that went."""
         self._impl().load_state(data)
+
+    def wait_loaded(self) -> None:
+        """Wait until the vCPU thread has loaded the state :meth:`load_state` gave it; raises
+        if that failed (then the guest must not run here)."""
+        if self._vm is not None:
+            self._vm.wait_loaded()
 
     def close(self) -> None:
         """Stop the vCPU thread and release KVM; the region stays with its owner."""

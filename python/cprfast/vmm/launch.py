@@ -202,6 +202,7 @@ def _transfer_target(cfg: Config, defer: bool, main: MigrationAddress | None, cp
                 )
                 return machine
             run_state = target.load(None, machine.devices)
+            machine.guest.wait_loaded()  # (its vCPU thread loads the vCPU state, on the guest's CPU)
             machine.timeline["loaded"] = time.monotonic_ns()
             fault.point("loaded")
             target.confirm()  # before the resume: if the source gave up meanwhile, the guest stays there

@@ -144,10 +144,18 @@ impl PyKvmVm {
         Ok(PyBytes::new(py, &bytes))
     }
 
-    /// Verify and load a saved state instead of booting (StreamError if corrupt).
+    /// Verify and load a saved state instead of booting (StreamError if corrupt). A vCPU thread
+    /// spinning for a resume (expect_resume) loads it on its own CPU: see wait_loaded().
     fn load_state(&self, py: Python<'_>, state: &[u8]) -> PyResult<()> {
         let vcpu = self.vcpu()?;
         Ok(py.detach(|| vcpu.load_state(state)).map_err(CoreError)?)
+    }
+
+    /// Wait until the vCPU thread has loaded the state load_state() gave it; raises its error
+    /// (the guest must not run). Returns at once if no load is outstanding.
+    fn wait_loaded(&self, py: Python<'_>) -> PyResult<()> {
+        let vcpu = self.vcpu()?;
+        Ok(py.detach(|| vcpu.wait_loaded()).map_err(CoreError)?)
     }
 
     /// Stop and join the vCPU thread, then close the VM. Idempotent.

@@ -137,8 +137,12 @@ struct Ctl {
     spin_until: Option<Instant>,
     /// The state the run thread read as it parked, valid until the guest runs or is loaded again.
     saved: Option<Vec<u8>>,
-    /// The run thread is reading that state (no other vCPU ioctl may start meanwhile).
-    saving: bool,
+    /// A state for the spinning run thread to load on its own CPU ([`Vcpu::load_state`]).
+    pending: Option<Box<VcpuState>>,
+    /// How the run thread's last load of a `pending` state went, until [`Vcpu::wait_loaded`] takes it.
+    loaded: Option<Result<()>>,
+    /// The run thread is reading or loading the state (no other vCPU ioctl may start meanwhile).
+    busy: bool,
 }
 
 #[derive(Debug)]
@@ -149,6 +153,8 @@ struct Shared {
     cv: Condvar,
     /// Mirrors `want != Pause`, for a spinning run thread to read without the lock.
     go: AtomicBool,
+    /// Mirrors `pending.is_some()`, likewise.
+    work: AtomicBool,
     /// MSRs from [`SAVED_MSRS`] that this KVM can get and set.
     msrs: Vec<u32>,
 }
@@ -165,6 +171,15 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lock the control block once the run thread is done reading or loading the vCPU state.
+    fn settled(&self) -> MutexGuard<'_, Ctl> {
+        let mut c = self.lock();
+        while c.busy || c.pending.is_some() {
+            c = self.cv.wait(c).unwrap_or_else(PoisonError::into_inner);
+        }
+        c
     }
 
     fn get<T>(&self, op: rustix::ioctl::Opcode, name: &str) -> Result<T> {
@@ -194,6 +209,30 @@ impl Shared {
             msrs: m.entries[..got as usize].to_vec(),
         };
         Ok(state.encode())
+    }
+
+    fn set<T>(&self, op: rustix::ioctl::Opcode, name: &str, v: &T) -> Result<()> {
+        // SAFETY: `op` is the KVM_SET_* ioctl whose argument type is `T` (callers pair them); KVM only reads it.
+        unsafe { abi::ioctl(self.fd.as_fd(), op, (v as *const T).cast_mut().cast::<c_void>()) }
+            .map_err(|e| Error::os(name, e))?;
+        Ok(())
+    }
+
+    /// Load a whole vCPU state (the inverse of [`read_state`](Self::read_state)).
+    fn write_state(&self, state: &VcpuState) -> Result<()> {
+        self.set(abi::KVM_SET_SREGS, "KVM_SET_SREGS", &state.sregs)?;
+        self.set(abi::KVM_SET_REGS, "KVM_SET_REGS", &state.regs)?;
+        self.set(abi::KVM_SET_FPU, "KVM_SET_FPU", &state.fpu)?;
+        let mut m = Msrs::<MAX_MSRS> { nmsrs: state.msrs.len() as u32, pad: 0, entries: [MsrEntry::default(); MAX_MSRS] };
+        m.entries[..state.msrs.len()].copy_from_slice(&state.msrs);
+        // SAFETY: a `kvm_msrs` header with `nmsrs` (<= MAX_MSRS) entries, all inside `m`; KVM only reads it.
+        let set = unsafe { abi::ioctl(self.fd.as_fd(), abi::KVM_SET_MSRS, (&raw mut m).cast::<c_void>()) }
+            .map_err(|e| Error::os("KVM_SET_MSRS", e))?;
+        if set as usize != state.msrs.len() {
+            let bad = state.msrs[set as usize].index;
+            return Err(Error::os(format!("KVM_SET_MSRS(MSR {bad:#x})"), rustix::io::Errno::INVAL));
+        }
+        self.set(abi::KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &state.events)
     }
 }
 
@@ -234,11 +273,22 @@ impl Vcpu {
             tid: None,
             spin_until: None,
             saved: None,
-            saving: false,
+            pending: None,
+            loaded: None,
+            busy: false,
+        };
+        let shared = Shared {
+            fd,
+            run,
+            ctl: Mutex::new(ctl),
+            cv: Condvar::new(),
+            go: AtomicBool::new(false),
+            work: AtomicBool::new(false),
+            msrs,
         };
         Ok(Self {
             vm,
-            shared: Arc::new(Shared { fd, run, ctl: Mutex::new(ctl), cv: Condvar::new(), go: AtomicBool::new(false), msrs }),
+            shared: Arc::new(shared),
             thread: Mutex::new(None),
         })
     }
@@ -263,14 +313,12 @@ impl Vcpu {
     }
 
     /// Lock the control block and check that no thread is in `KVM_RUN`; wait
-    /// until the run thread has finished reading the state it parked with.
+    /// until the run thread has finished reading the state it parked with, or
+    /// loading one it was given.
     fn quiescent(&self, what: &str) -> Result<MutexGuard<'_, Ctl>> {
-        let mut c = self.shared.lock();
+        let c = self.shared.settled();
         if !(c.exited || (c.parked && c.want != Want::Run)) {
             return Err(Error::InvalidArgument(format!("{what} needs the vCPU paused or not started")));
-        }
-        while c.saving {
-            c = self.shared.cv.wait(c).unwrap_or_else(PoisonError::into_inner);
         }
         Ok(c)
     }
@@ -444,7 +492,10 @@ impl Vcpu {
     /// parking spot (it enters `KVM_RUN` next), with the time that took.
     pub fn resume(&self, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
-        let mut c = self.shared.lock();
+        let mut c = self.shared.settled();
+        if let Some(Err(e)) = c.loaded.take() {
+            return Err(e);
+        }
         if let Some(f) = &c.failure {
             return Err(Error::InvalidArgument(format!("cannot resume: the guest stopped: {f}")));
         }
@@ -485,10 +536,7 @@ impl Vcpu {
     }
 
     fn set<T>(&self, op: rustix::ioctl::Opcode, name: &str, v: &T) -> Result<()> {
-        // SAFETY: `op` is the KVM_SET_* ioctl whose argument type is `T` (callers pair them); KVM only reads it.
-        unsafe { abi::ioctl(self.shared.fd.as_fd(), op, (v as *const T).cast_mut().cast::<c_void>()) }
-            .map_err(|e| Error::os(name, e))?;
-        Ok(())
+        self.shared.set(op, name, v)
     }
 
     /// The vCPU's state as bytes (see [`super::state`]); only while paused or not
@@ -508,26 +556,36 @@ impl Vcpu {
     /// Verify `bytes` (see [`super::state`]) and load them into the vCPU, which
     /// must be paused or not started; [`start`](Self::start) or
     /// [`resume`](Self::resume) then continues the guest where it was saved.
+    ///
+    /// If the run thread is spinning for a resume ([`expect_resume`](Self::expect_resume)),
+    /// it does the loading ioctls itself, on its own CPU, while the caller goes on
+    /// (loading other devices): [`wait_loaded`](Self::wait_loaded) then reports how
+    /// that went, and [`resume`](Self::resume) refuses to run a guest whose load failed.
     pub fn load_state(&self, bytes: &[u8]) -> Result<()> {
         let state = VcpuState::decode(bytes)?;
         let mut c = self.quiescent("load_state")?;
         c.saved = None;
-        self.set(abi::KVM_SET_SREGS, "KVM_SET_SREGS", &state.sregs)?;
-        self.set(abi::KVM_SET_REGS, "KVM_SET_REGS", &state.regs)?;
-        self.set(abi::KVM_SET_FPU, "KVM_SET_FPU", &state.fpu)?;
-        let mut m = Msrs::<MAX_MSRS> { nmsrs: state.msrs.len() as u32, pad: 0, entries: [MsrEntry::default(); MAX_MSRS] };
-        m.entries[..state.msrs.len()].copy_from_slice(&state.msrs);
-        // SAFETY: a `kvm_msrs` header with `nmsrs` (<= MAX_MSRS) entries, all inside `m`; KVM only reads it.
-        let set = unsafe { abi::ioctl(self.shared.fd.as_fd(), abi::KVM_SET_MSRS, (&raw mut m).cast::<c_void>()) }
-            .map_err(|e| Error::os("KVM_SET_MSRS", e))?;
-        if set as usize != state.msrs.len() {
-            let bad = state.msrs[set as usize].index;
-            return Err(Error::os(format!("KVM_SET_MSRS(MSR {bad:#x})"), rustix::io::Errno::INVAL));
+        c.loaded = None;
+        if !c.exited && c.spin_until.is_some() {
+            c.ready = false;
+            c.pending = Some(Box::new(state));
+            self.shared.work.store(true, Ordering::Release);
+            self.shared.cv.notify_all();
+            return Ok(());
         }
-        self.set(abi::KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &state.events)?;
+        self.shared.write_state(&state)?;
         c.ready = true;
         c.failure = None;
         Ok(())
+    }
+
+    /// Wait until a state given to [`load_state`](Self::load_state) is loaded; its error if
+    /// loading failed (the guest must not run). Returns at once if no load is outstanding.
+    pub fn wait_loaded(&self) -> Result<()> {
+        match self.shared.settled().loaded.take() {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -553,6 +611,10 @@ fn run_loop(sh: &Shared) {
             loop {
                 match c.want {
                     Want::Stop => {
+                        if c.pending.take().is_some() {
+                            sh.work.store(false, Ordering::Relaxed);
+                            c.loaded = Some(Err(Error::InvalidArgument("the vCPU stopped before loading its state".into())));
+                        }
                         c.parked = true;
                         c.exited = true;
                         sh.cv.notify_all();
@@ -564,23 +626,43 @@ fn run_loop(sh: &Shared) {
                             // A guest that ran is paused: read its state now, on this thread
                             // and CPU, while whoever paused it carries on (save_state waits).
                             let save = c.ready && c.saved.is_none();
-                            c.saving = save;
+                            c.busy = save;
                             sh.cv.notify_all();
                             if save {
                                 drop(c);
                                 let state = sh.read_state().ok(); // (an error: save_state reads again and reports it)
                                 c = sh.lock();
                                 c.saved = state;
-                                c.saving = false;
+                                c.busy = false;
                                 sh.cv.notify_all();
                                 continue;
                             }
                         }
-                        if let Some(until) = c.spin_until.take() {
+                        if let Some(state) = c.pending.take() {
+                            // A state to load: here, on the CPU this vCPU will run on.
+                            sh.work.store(false, Ordering::Relaxed);
+                            c.busy = true;
+                            drop(c);
+                            let result = sh.write_state(&state);
+                            c = sh.lock();
+                            c.ready = result.is_ok();
+                            if result.is_ok() {
+                                c.failure = None;
+                            }
+                            c.loaded = Some(result);
+                            c.busy = false;
+                            sh.cv.notify_all();
+                            continue;
+                        }
+                        if let Some(until) = c.spin_until {
+                            if Instant::now() >= until {
+                                c.spin_until = None;
+                                continue;
+                            }
                             // Expecting a resume: spin (on our own, otherwise idle CPU) instead
                             // of sleeping, so it costs no wake-up; the lock is free meanwhile.
                             drop(c);
-                            while !sh.go.load(Ordering::Acquire) && Instant::now() < until {
+                            while !sh.go.load(Ordering::Acquire) && !sh.work.load(Ordering::Acquire) && Instant::now() < until {
                                 std::hint::spin_loop();
                             }
                             c = sh.lock();
@@ -593,6 +675,7 @@ fn run_loop(sh: &Shared) {
                         sh.run.set_immediate_exit(false);
                         c.parked = false;
                         c.saved = None;
+                        c.spin_until = None;
                         sh.cv.notify_all();
                         break;
                     }
@@ -726,6 +809,53 @@ mod tests {
         vcpu.load_state(&states[0]).unwrap();
         assert_eq!(without_tsc(&vcpu.save_state().unwrap()), without_tsc(&states[0]));
         vcpu.stop(T).unwrap();
+    }
+
+    #[test]
+    fn a_spinning_run_thread_loads_the_state_itself_and_never_runs_a_failed_load() {
+        let Some((r, vcpu, _)) = booted() else { return };
+        vcpu.pause(T).unwrap();
+        let frozen = heartbeat(&r);
+        let state = vcpu.save_state().unwrap();
+        vcpu.stop(T).unwrap();
+
+        let vm2 = Arc::new(Vm::create().unwrap());
+        vm2.set_memory(0, 0, r.mapping(), false).unwrap();
+        let vcpu2 = Vcpu::create(vm2, 0).unwrap();
+        vcpu2.start(None, true).unwrap();
+        vcpu2.expect_resume(T);
+        // A state KVM refuses (an MSR it has never heard of): load_state hands it over and
+        // returns (done here, it would have failed), the run thread's load fails, and
+        // neither wait_loaded nor resume lets that guest run.
+        let mut bad = VcpuState::decode(&state).unwrap();
+        bad.msrs[0].index = 0xdead_beef;
+        vcpu2.load_state(&bad.encode()).unwrap();
+        let err = vcpu2.wait_loaded().unwrap_err().to_string();
+        assert!(err.contains("KVM_SET_MSRS"), "{err}");
+        assert!(vcpu2.resume(T).is_err(), "a guest whose state failed to load must not run");
+        // Failed without wait_loaded: resume itself reports the load's error.
+        vcpu2.expect_resume(T);
+        vcpu2.load_state(&bad.encode()).unwrap();
+        assert!(vcpu2.resume(T).unwrap_err().to_string().contains("KVM_SET_MSRS"));
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(heartbeat(&r), frozen);
+        assert!(!vcpu2.running());
+
+        // The real state: loaded by the run thread, equal to what was saved, and it runs.
+        vcpu2.expect_resume(T);
+        vcpu2.load_state(&state).unwrap();
+        vcpu2.wait_loaded().unwrap();
+        assert_eq!(without_tsc(&vcpu2.save_state().unwrap()), without_tsc(&state));
+        vcpu2.resume(T).unwrap();
+        wait_beats(&r, frozen);
+        assert_eq!(vcpu2.exit_reason(), None);
+
+        // Stopped with a load outstanding: the load reports that, nothing hangs.
+        vcpu2.pause(T).unwrap();
+        vcpu2.expect_resume(T);
+        vcpu2.load_state(&state).unwrap();
+        vcpu2.stop(T).unwrap();
+        let _ = vcpu2.wait_loaded(); // loaded before the stop (Ok) or cut short by it (Err): either way, it returns
     }
 
     #[test]
