@@ -226,3 +226,30 @@ def test_pause_measurements(tmp_path: Path) -> None:
     print(f"cpr-transfer threads {MEM}: median pause {statistics.median(pauses):.0f} us of {pauses}")
     assert all(p > 0 for p in pauses)
 
+
+def test_the_rehearsal_leaves_nothing_behind() -> None:
+    """Both sides rehearse the hand-over before the stop: it must not keep an fd."""
+    from cprfast.modes.transfer import rehearse
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    rehearse()
+    rehearse()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_failed_rehearsal_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """Out of fds, the rehearsal only costs its speed-up: a warning, no error, nothing leaked."""
+    import resource
+
+    from cprfast.modes.transfer import rehearse
+
+    before = sorted(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # stdin, stdout and stderr: no room for more
+    try:
+        rehearse()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "rehearsal of the hand-over" in caplog.text
+    assert "Too many open files" in caplog.text
+    assert sorted(os.listdir("/proc/self/fd")) == before

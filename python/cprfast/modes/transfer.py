@@ -12,6 +12,8 @@ Guest-RAM memfds are passive memory, so we hand over in two phases:
    and the second cpr connection; the target accepts both and answers ``W`` on
    the second once it is about to wait for the device fds. Only then does the
    source stop the guest: no connect, accept or set-up is left on the pause path.
+   Both sides run the hand-over's code once on a socketpair just before
+   (:func:`rehearse`), so the pause runs it warm.
 2. **Devices, after the stop** (seed 004: no device fd is driven by two
    processes): a second CPR state with the device fds, encoded before the stop
    and sent in one message, then the main stream (run state + device state; RAM
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -62,6 +65,65 @@ ACK_WAITING = b"W"
 """Second cpr connection's answer: accepted; the target now waits for the device fds."""
 ACK_RUNNING = b"K"
 """Main-channel answer: the target loaded the device state and runs the guest."""
+
+
+REHEARSAL = "cprfast/rehearsal"
+"""The name of the fds and the device :func:`rehearse` passes around (never a real one's)."""
+
+
+class _Echo:
+    """The one device of a rehearsal: its state is what it last loaded."""
+
+    def __init__(self) -> None:
+        self.state = bytes(256)
+
+    def save_state(self) -> bytes:
+        return self.state
+
+    def load_state(self, data: bytes, version: int) -> None:
+        self.state = data
+
+
+def rehearse() -> None:
+    """Run the hand-over's own code once on a socketpair, just before the guest stops.
+
+    A CPR state with two fds goes out in one message and is received and adopted,
+    and a main stream with a run state and one device is framed, read, verified and
+    loaded: the code, and the interpreter's paths through it, that the pause runs
+    next. On a virtualized host, code and data left alone for a few milliseconds run
+    several times slower (this takes ~0.2 ms hot, ~0.9 ms after 10 ms idle); rehearsed
+    on both sides, the 1 GiB cpr-transfer pause came out 0.13 ms shorter. Uses none of
+    the migration's own fds, sockets or devices, and a failure here (the fd limit
+    reached, say) only costs that speed-up: it is logged, not raised.
+    """
+    from cprfast.devices import DeviceRegistry
+
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:
+        log.warning("cpr-transfer: no rehearsal of the hand-over: %s", e)
+        return
+    try:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with CprState() as state:
+                state.save_fd(REHEARSAL, 0, r)
+                state.save_fd(REHEARSAL, 1, w)
+                OutgoingState(state, fds_per_message=SCM_MAX_FD).send(b)
+        finally:
+            os.close(r)
+            os.close(w)
+        with receive_state(a) as received, CprState() as adopted:
+            adopted.take_all(received)
+        devices = DeviceRegistry()
+        devices.register(REHEARSAL, _Echo())
+        a.sendall(encode_main(devices, "running"))
+        read_main(b.fileno(), devices)
+    except OSError as e:
+        log.warning("cpr-transfer: the rehearsal of the hand-over failed: %s", e)
+    finally:
+        a.close()
+        b.close()
 
 
 def _recv_ack(sock: socket.socket, ctx: MigrationContext, what: str) -> bytes:
@@ -155,6 +217,7 @@ class TransferDriver:
         # Duplicates of the device fds, sent only after the stop: built and encoded now, off the pause path.
         out.devices = _subset(self.host.cpr, ram_keys, ram=False)
         out.devices_out = OutgoingState(out.devices, fds_per_message=SCM_MAX_FD)
+        rehearse()
 
     def handover(self, ctx: MigrationContext) -> None:
         """Guest just stopped, in ``migrate``'s thread: device state and device fds to a listening target."""
@@ -269,6 +332,7 @@ class TransferTarget:
         if cpr is not None:
             cpr.close()
         self._devices_sock.sendall(ACK_WAITING)
+        rehearse()  # (the source, waiting for our CPU, stops its guest only once we block)
 
     def receive_devices(self, into: CprState, timeout: float | None = None) -> None:
         """Phase 2: receive the device fds into ``into`` (blocks until the source stopped its guest)."""
