@@ -156,6 +156,22 @@ def test_a_target_warms_up_beside_the_running_guest(ram: _core.Region) -> None:
     target.close()
 
 
+
+def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The KVM guest section's example, as written: a target prepared while the guest runs."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("## The KVM guest", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md#the-kvm-guest", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "target warmed up: True"
+    paused = re.fullmatch(r"paused in \d+ us at heartbeat (\d+)", out[1])
+    continued = re.fullmatch(r"continued to (\d+), exit_reason=None", out[2])
+    assert paused is not None and continued is not None, out
+    assert int(continued.group(1)) > int(paused.group(1)), out
+
+
 CHILD = r"""
 import json, os, struct, sys, time
 from cprfast import _core
