@@ -238,6 +238,57 @@ def test_backwards_heartbeat_is_detected(region: Region) -> None:
     assert rep.last_value == 3
 
 
+def _beat_for(region: Region, value: int, seconds: float) -> int:
+    """Move the heartbeat as fast as Python can for ``seconds``; returns its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value += 1
+        set_heartbeat(region, value)
+    return value
+
+
+def test_an_update_s_pause_is_the_stall_overlapping_it(region: Region) -> None:
+    """The demo's and the QEMU runner's rule: a longer stall before the update does not count."""
+    from cprfast.demo import stall_overlapping
+
+    obs = Observer(region.fileno(), interval_ns=20_000)
+    obs.start()
+    value = _beat_for(region, 1, 0.005)
+    time.sleep(0.080)  # a host hiccup before the update
+    value = _beat_for(region, value, 0.005)
+    start = time.monotonic_ns()
+    value = _beat_for(region, value, 0.002)
+    time.sleep(0.005)  # the update's own pause
+    value = _beat_for(region, value, 0.002)
+    end = time.monotonic_ns()
+    _beat_for(region, value, 0.005)
+    rep = obs.stop()
+    assert rep.max_stall_ns >= 80 * MS
+    assert 5 * MS <= stall_overlapping(rep, start, end) < 80 * MS
+
+
+def test_an_update_s_pause_is_bounded_when_longer_stalls_crowd_it_out(region: Region) -> None:
+    """A report keeps only its longest stalls: with more long ones outside the update than it
+    keeps, the pause is still reported, as an upper bound (the shortest kept), not an error."""
+    from cprfast.demo import stall_overlapping
+
+    obs = Observer(region.fileno(), interval_ns=20_000)
+    obs.start()
+    value = 1
+    for _ in range(80):  # more 3 ms stalls than a report keeps (64)
+        value += 1
+        set_heartbeat(region, value)
+        time.sleep(0.003)
+    start = time.monotonic_ns()
+    value = _beat_for(region, value, 0.002)  # an update with no stall of its own worth keeping
+    end = time.monotonic_ns()
+    _beat_for(region, value, 0.002)
+    rep = obs.stop()
+    kept = [length for _, length in rep.gaps_over(0)]
+    assert len(kept) == 64
+    assert stall_overlapping(rep, start, end) >= min(kept) >= 3 * MS
+
+
 def test_retarget_onto_unpreserved_memory_is_not_monotonic(region: Region) -> None:
     other = Region.create("other-ram", HOT_START + HOT)
     try:

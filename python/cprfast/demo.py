@@ -354,12 +354,15 @@ def _heartbeat(path: str) -> int:
 def stall_overlapping(report: _core.ObserverReport, start_ns: int, end_ns: int) -> int:
     """The longest stall the observer kept that overlaps ``[start_ns, end_ns]`` (CLOCK_MONOTONIC):
     the update's pause, from ``migrate`` until the new process runs the guest. A host stall
-    inside that span counts; one before ``migrate`` or after the guest runs on does not."""
+    inside that span counts; one before ``migrate`` or after the guest runs on does not.
+    If the report kept none there (it keeps only its longest stalls), the shortest it kept:
+    no stall it dropped was longer, so that bounds the pause from above."""
+    kept = report.gaps_over(0)
     lo, hi = start_ns - report.started_at_ns, end_ns - report.started_at_ns
-    gaps = [length for at, length in report.gaps_over(0) if at < hi and at + length > lo]
-    if not gaps:
-        raise RuntimeError("the observer kept no stall overlapping the update")
-    return max(gaps)
+    inside = [length for at, length in kept if at < hi and at + length > lo]
+    if inside:
+        return max(inside)
+    return min((length for _, length in kept), default=report.max_stall_ns)
 
 
 class _Follower:
