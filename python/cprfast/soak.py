@@ -166,9 +166,11 @@ def run(
             if not sample.ok:
                 report.failures.append(f"update {i} ({mode}): its checks failed: {_what_failed(step)}")
             if sample.pause_ms > sample.limit_ms:
+                own = f"the VMM's downtime {step.downtime_ms:g} ms, " if step.downtime_ms is not None else ""
                 report.failures.append(
                     f"update {i} ({mode}): heartbeat gap {sample.pause_ms:.3f} ms > {sample.limit_ms:.3f} ms "
-                    f"(floor {floors[mode]:g} ms + noise {sample.limit_ms - floors[mode]:.3f} ms)"
+                    f"(floor {floors[mode]:g} ms + noise {sample.limit_ms - floors[mode]:.3f} ms; "
+                    f"{own}total {step.total_ms:.0f} ms)"
                 )
             if i % 10 == 0 or not sample.ok:
                 note(f"{i + 1}/{updates} {mode}: pause {step.pause_ms:.3f} ms, vmm fds {sample.vmm.fds}")
