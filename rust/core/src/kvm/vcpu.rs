@@ -744,9 +744,7 @@ mod tests {
         let state = vcpu.save_state().unwrap();
         vcpu.stop(T).unwrap();
 
-        let vm2 = Arc::new(Vm::create().unwrap());
-        vm2.set_memory(0, 0, r.mapping(), false).unwrap();
-        let vcpu2 = Vcpu::create(vm2, 0).unwrap();
+        let vcpu2 = vcpu_on(&r);
         // A target spawns its run thread parked before it has the state; it runs nothing until resumed.
         vcpu2.start(None, true).unwrap();
         assert!(!vcpu2.running());
@@ -776,6 +774,13 @@ mod tests {
     /// Registers of a paused guest, read through the ioctls (not the run thread's copy).
     fn rip_now(v: &Vcpu) -> u64 {
         v.get::<Regs>(abi::KVM_GET_REGS, "KVM_GET_REGS").unwrap().rip
+    }
+
+    /// A vCPU of a new VM whose memory is `r`: another process's VM over the same guest RAM.
+    fn vcpu_on(r: &Region) -> Vcpu {
+        let vm = Arc::new(Vm::create().unwrap());
+        vm.set_memory(0, 0, r.mapping(), false).unwrap();
+        Vcpu::create(vm, 0).unwrap()
     }
 
     /// A fresh 64 MiB RAM with the guest booted on a new VM and beating (None without KVM).
@@ -819,9 +824,7 @@ mod tests {
         let state = vcpu.save_state().unwrap();
         vcpu.stop(T).unwrap();
 
-        let vm2 = Arc::new(Vm::create().unwrap());
-        vm2.set_memory(0, 0, r.mapping(), false).unwrap();
-        let vcpu2 = Vcpu::create(vm2, 0).unwrap();
+        let vcpu2 = vcpu_on(&r);
         vcpu2.start(None, true).unwrap();
         vcpu2.expect_resume(T);
         // A state KVM refuses (an MSR it has never heard of): load_state hands it over and
@@ -863,9 +866,7 @@ mod tests {
         let Some((r, vcpu, h)) = booted() else { return };
 
         // A second VM on the same RAM warms up while the first one runs the guest.
-        let vm2 = Arc::new(Vm::create().unwrap());
-        vm2.set_memory(0, 0, r.mapping(), false).unwrap();
-        let vcpu2 = Vcpu::create(Arc::clone(&vm2), 0).unwrap();
+        let vcpu2 = vcpu_on(&r);
         assert!(vcpu2.warm_up().unwrap(), "this build's guest code is in RAM: the warm-up runs");
         assert_eq!(vcpu2.exit_reason(), None, "the warm-up's triple fault is not a guest failure");
         assert!(vcpu2.start(None, false).is_err(), "the warm-up leaves no guest to run");
@@ -890,10 +891,8 @@ mod tests {
         vcpu2.stop(T).unwrap();
 
         // RAM holding other guest code: no warm-up, nothing run.
-        let vm3 = Arc::new(Vm::create().unwrap());
-        vm3.set_memory(0, 0, r.mapping(), false).unwrap();
         r.mapping().write(0x4000, &[0x90]).unwrap(); // (the guest is stopped: nobody runs this code)
-        let vcpu3 = Vcpu::create(vm3, 0).unwrap();
+        let vcpu3 = vcpu_on(&r);
         assert!(!vcpu3.warm_up().unwrap());
     }
 }
