@@ -109,7 +109,7 @@ def rehearse() -> None:
             with CprState() as state:
                 state.save_fd(REHEARSAL, 0, r)
                 state.save_fd(REHEARSAL, 1, w)
-                OutgoingState(state, fds_per_message=SCM_MAX_FD).send(b)
+                send_state(state, b, fds_per_message=SCM_MAX_FD)
         finally:
             os.close(r)
             os.close(w)
